@@ -1,0 +1,305 @@
+//! The ratelimit configuration (see DESIGN.md) read into a compiled [`Config`].
+
+use std::time::Duration;
+
+use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::hash::hash64;
+use mesh_shared::{Matcher, Source};
+
+use crate::gcra::Gcra;
+use crate::table::KeyTable;
+
+pub const DEFAULT_MAX_KEYS: u64 = 100_000;
+/// Upper bound for `max_keys`: 10M slots are 160 MB of shared data per rule.
+pub const MAX_MAX_KEYS: u64 = 10_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub rules: Vec<Rule>,
+    pub response: Response,
+    pub headers: HeaderStyle,
+    /// Also put the rate-limit headers on answers that were let through.
+    pub headers_on_allowed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Matcher,
+    /// Parts of the key; empty means one bucket for the whole rule.
+    pub key: Vec<Source>,
+    pub limit: Limit,
+    pub gcra: Gcra,
+    pub on_missing_key: MissingKey,
+    pub shadow: bool,
+    pub table: KeyTable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub requests: u64,
+    pub per: Duration,
+    pub burst: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingKey {
+    /// The rule does not apply; the next matching rule is tried.
+    Skip,
+    /// Answer with the rejection response.
+    Deny,
+    /// Use this value for the missing part (all such requests share buckets).
+    Static(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u32,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStyle {
+    /// IETF draft: `RateLimit-Policy` and `RateLimit`.
+    Draft,
+    /// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset`.
+    XRateLimit,
+    None,
+}
+
+impl Config {
+    /// Parses the plugin configuration. `scope` names this filter instance in
+    /// shared-data keys (the Envoy plugin name), so two instances with the
+    /// same `vm_id` and different names never share buckets.
+    pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
+        let doc = parse_document(bytes)?;
+        let root = Node::root(&doc);
+        let mut f = root.object()?;
+        let max_keys = match f.optional("max_keys") {
+            Some(n) => n.positive(MAX_MAX_KEYS)?,
+            None => DEFAULT_MAX_KEYS,
+        };
+        let response = match f.optional("response") {
+            Some(n) => parse_response(&n)?,
+            None => Response { status: 429, body: "rate limited\n".into() },
+        };
+        let headers = match f.optional("headers") {
+            None => HeaderStyle::Draft,
+            Some(n) => match n.str()? {
+                "draft" => HeaderStyle::Draft,
+                "x-ratelimit" => HeaderStyle::XRateLimit,
+                "none" => HeaderStyle::None,
+                other => {
+                    return Err(n.error(format!(
+                        "expected \"draft\", \"x-ratelimit\" or \"none\", got \"{other}\""
+                    )))
+                }
+            },
+        };
+        let headers_on_allowed = match f.optional("headers_on_allowed") {
+            Some(n) => n.bool()?,
+            None => false,
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        if let Some(n) = f.optional("rules") {
+            for (index, item) in n.list()?.iter().enumerate() {
+                let rule = parse_rule(item, index, scope, max_keys)?;
+                if rules.iter().any(|r| r.name == rule.name) {
+                    return Err(ConfigError {
+                        path: format!("{}.name", item.path()),
+                        message: format!("duplicate rule name \"{}\"", rule.name),
+                    });
+                }
+                rules.push(rule);
+            }
+        }
+        f.finish()?;
+        Ok(Config { rules, response, headers, headers_on_allowed })
+    }
+}
+
+fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
+    let mut f = node.object()?;
+    let status = match f.optional("status") {
+        Some(n) => n.status()?,
+        None => 429,
+    };
+    let body = match f.optional("body") {
+        Some(n) => n.str()?.to_string(),
+        None => "rate limited\n".to_string(),
+    };
+    f.finish()?;
+    Ok(Response { status, body })
+}
+
+/// Rule names appear in stats and headers: keep them to a safe alphabet.
+pub fn check_rule_name(node: &Node<'_>) -> Result<String, ConfigError> {
+    let name = node.name()?;
+    let ok = name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !ok {
+        return Err(node.error(format!(
+            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+fn parse_rule(node: &Node<'_>, index: usize, scope: &str, default_max_keys: u64) -> Result<Rule, ConfigError> {
+    let mut f = node.object()?;
+    let name = check_rule_name(&f.required("name")?)?;
+    let matcher = Matcher::parse(f.optional("match").as_ref())?;
+    let mut key = Vec::new();
+    if let Some(n) = f.optional("key") {
+        for part in n.list()? {
+            key.push(Source::parse(&part)?);
+        }
+    }
+    let limit_node = f.required("limit")?;
+    let limit = parse_limit(&limit_node)?;
+    let on_missing_key = match f.optional("on_missing_key") {
+        None => MissingKey::Skip,
+        Some(n) => match n.value() {
+            mesh_shared::json::Value::String(s) if s == "skip" => MissingKey::Skip,
+            mesh_shared::json::Value::String(s) if s == "deny" => MissingKey::Deny,
+            mesh_shared::json::Value::Object(_) => {
+                let mut o = n.object()?;
+                let value = o.required("static")?.str()?.to_string();
+                o.finish()?;
+                MissingKey::Static(value)
+            }
+            _ => return Err(n.error("expected \"skip\", \"deny\" or {\"static\": value}")),
+        },
+    };
+    let shadow = match f.optional("shadow") {
+        Some(n) => n.bool()?,
+        None => false,
+    };
+    let max_keys = match f.optional("max_keys") {
+        Some(n) => n.positive(MAX_MAX_KEYS)?,
+        None => default_max_keys,
+    };
+    f.finish()?;
+
+    let gcra = Gcra::new(limit.requests, limit.per, limit.burst);
+    // A rule without a key has exactly one bucket.
+    let max_keys = if key.is_empty() { 1 } else { max_keys };
+    // Buckets are keyed by everything that gives their numbers meaning, so a
+    // changed limit starts from fresh buckets instead of misreading old ones.
+    let identity = format!("{name}|{key:?}|{gcra:?}|{max_keys}");
+    let prefix = format!("mesh.rl.{scope}.{index}.{:016x}.", hash64(&[identity.as_bytes()]));
+    Ok(Rule {
+        name,
+        matcher,
+        key,
+        limit,
+        gcra,
+        on_missing_key,
+        shadow,
+        table: KeyTable::new(prefix, max_keys),
+    })
+}
+
+fn parse_limit(node: &Node<'_>) -> Result<Limit, ConfigError> {
+    let mut f = node.object()?;
+    let requests = f.required("requests")?.positive(1_000_000_000)?;
+    let per_node = f.required("per")?;
+    let per = per_node.duration()?;
+    if per.is_zero() {
+        return Err(per_node.error("must be longer than 0s"));
+    }
+    if per > Duration::from_secs(366 * 86_400) {
+        return Err(per_node.error("must be at most a year"));
+    }
+    let burst = match f.optional("burst") {
+        Some(n) => n.positive(1_000_000_000)?,
+        None => requests,
+    };
+    f.finish()?;
+    Ok(Limit { requests, per, burst })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Config::parse(json.as_bytes(), "t").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = Config::parse(
+            br#"{
+              "rules": [{
+                "name": "per-api-key",
+                "match": { "path_prefix": "/api" },
+                "key": [ { "header": "x-api-key" } ],
+                "limit": { "requests": 100, "per": "1m", "burst": 20 },
+                "on_missing_key": "skip",
+                "shadow": false
+              }],
+              "response": { "status": 429, "body": "rate limited\n" },
+              "headers": "draft",
+              "max_keys": 100000
+            }"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.rules[0].limit, Limit { requests: 100, per: Duration::from_secs(60), burst: 20 });
+        assert_eq!(c.rules[0].table.max_keys(), 100_000);
+        assert_eq!(c.response.status, 429);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(br#"{"rules": [{"name": "a", "limit": {"requests": 5, "per": "1s"}}]}"#, "t").unwrap();
+        assert_eq!(c.rules[0].limit.burst, 5);
+        assert_eq!(c.rules[0].on_missing_key, MissingKey::Skip);
+        assert_eq!(c.rules[0].table.max_keys(), 1, "an unkeyed rule has one bucket");
+        assert_eq!(c.headers, HeaderStyle::Draft);
+        assert_eq!(c.response, Response { status: 429, body: "rate limited\n".into() });
+        assert!(Config::parse(b"", "t").unwrap().rules.is_empty());
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let rule = |limit: &str| format!(r#"{{"rules": [{{"name": "a", "limit": {limit}}}]}}"#);
+        assert_eq!(
+            err(&rule(r#"{"requests": 5, "per": "fast"}"#)),
+            r#"rules[0].limit.per: expected a duration like "1s", got "fast""#
+        );
+        assert_eq!(
+            err(&rule(r#"{"requests": -5, "per": "1s"}"#)),
+            "rules[0].limit.requests: expected an integer from 1 to 1000000000, got -5"
+        );
+        assert_eq!(
+            err(&rule(r#"{"requests": "5", "per": "1s"}"#)),
+            "rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"5\""
+        );
+        assert_eq!(err(&rule(r#"{"requests": 5, "per": "0s"}"#)), "rules[0].limit.per: must be longer than 0s");
+        assert!(err(&rule(r#"{"requests": 5, "per": "1s", "brust": 3}"#)).starts_with("rules[0].limit.brust: unknown field"));
+        assert!(err(r#"{"rules": [], "shadwo": true}"#).starts_with("shadwo: unknown field"));
+        assert_eq!(err(r#"{"rules": [{"limit": {"requests": 1, "per": "1s"}}]}"#), "rules[0].name: is required");
+        assert_eq!(
+            err(r#"{"rules": [{"name": "a", "limit": {"requests": 1, "per": "1s"}}, {"name": "a", "limit": {"requests": 1, "per": "1s"}}]}"#),
+            "rules[1].name: duplicate rule name \"a\""
+        );
+        assert_eq!(err(r#"{"headers": "ietf"}"#), r#"headers: expected "draft", "x-ratelimit" or "none", got "ietf""#);
+        assert_eq!(err(r#"{"response": {"status": 99}}"#), "response.status: expected an integer from 200 to 599, got 99");
+        assert!(err(r#"{"rules": [{"name": "a b", "limit": {"requests": 1, "per": "1s"}}]}"#).starts_with("rules[0].name:"));
+        assert!(err("[1]").starts_with("configuration: expected an object"));
+        assert!(err("{").starts_with("configuration: invalid JSON"));
+    }
+
+    #[test]
+    fn changing_a_limit_changes_the_bucket_keys() {
+        let parse = |n: u32| {
+            let json = format!(r#"{{"rules": [{{"name": "a", "limit": {{"requests": {n}, "per": "1s"}}}}]}}"#);
+            Config::parse(json.as_bytes(), "t").unwrap().rules[0].table.clone()
+        };
+        assert_ne!(parse(5), parse(6));
+        assert_eq!(parse(5), parse(5));
+    }
+}

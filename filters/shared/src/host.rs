@@ -1,0 +1,249 @@
+//! The shared traits implemented over the proxy-wasm ABI (wasm32 only).
+//!
+//! The reads on the hot path (headers, properties, shared data) call the ABI
+//! directly instead of the SDK's wrappers: the SDK panics on any status it does
+//! not expect (e.g. `BadArgument` for a request header read in the response
+//! phase), and a panic kills the VM for every request on that worker. Here an
+//! unexpected status is simply "no value".
+
+use std::ptr::{null, null_mut};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MetricType, Status};
+
+use crate::clock::Clock;
+use crate::request::{host_without_port, ip_without_port, path_without_query, Attribute, Request};
+use crate::store::{Conflict, SharedStore};
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_header_map_value(
+        map_type: i32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
+}
+
+/// Takes ownership of a buffer the host allocated through the module's allocator.
+fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the host allocated `size` bytes with proxy_on_memory_allocate,
+    // i.e. with this module's global allocator, and hands them over to us.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+/// A property such as `["xds", "route_name"]`; `None` if missing or unreadable.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let mut serialized = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
+    for part in path {
+        serialized.extend_from_slice(part.as_bytes());
+        serialized.push(0);
+    }
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: pointers are valid for the call; the result is owned as above.
+    match unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) } {
+        Status::Ok => Some(owned(data, size)),
+        _ => None,
+    }
+}
+
+const REQUEST_HEADERS: i32 = 0;
+const RESPONSE_HEADERS: i32 = 2;
+
+fn header_value(map: i32, name: &str) -> Option<Vec<u8>> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: as in `property`.
+    match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) } {
+        Status::Ok => Some(owned(data, size)),
+        _ => None,
+    }
+}
+
+/// A request header; only valid in the request phase (`None` otherwise).
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    header_value(REQUEST_HEADERS, name)
+}
+
+/// A response header; only valid in the response phase.
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    header_value(RESPONSE_HEADERS, name)
+}
+
+/// The upstream's status code (`response.code`), in the response phase.
+pub fn response_code() -> Option<u32> {
+    let bytes = property(&["response", "code"])?;
+    let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    u32::try_from(i64::from_le_bytes(raw)).ok()
+}
+
+/// Envoy shared data of this plugin's `vm_id`.
+pub struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let mut data = null_mut();
+        let mut size = 0;
+        let mut cas = 0;
+        // SAFETY: as in `property`.
+        let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        match status {
+            Status::Ok => Some((owned(data, size), cas)),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Conflict> {
+        let ptr = if value.is_empty() { null() } else { value.as_ptr() };
+        // SAFETY: pointers are valid for the duration of the call.
+        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas.unwrap_or(0)) } {
+            Status::Ok => Ok(()),
+            _ => Err(Conflict),
+        }
+    }
+}
+
+/// Envoy's clock (`proxy_get_current_time_nanoseconds`).
+pub struct HostClock;
+
+impl Clock for HostClock {
+    fn now_nanos(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The current request, read lazily and cached: each header or attribute is
+/// fetched from Envoy at most once, and only if a rule asks for it.
+#[derive(Default)]
+pub struct HostRequest {
+    attributes: [Option<Option<Vec<u8>>>; 6],
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl HostRequest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn fetch(attr: Attribute) -> Option<Vec<u8>> {
+        match attr {
+            Attribute::Path => request_header(":path").map(|p| path_without_query(&p).to_vec()),
+            Attribute::Method => request_header(":method"),
+            Attribute::Host => {
+                request_header(":authority").map(|a| host_without_port(&a).to_ascii_lowercase())
+            }
+            Attribute::Route => property(&["xds", "route_name"]).filter(|r| !r.is_empty()),
+            Attribute::Cluster => property(&["xds", "cluster_name"]).filter(|c| !c.is_empty()),
+            Attribute::ClientIp => property(&["source", "address"]).map(|a| ip_without_port(&a).to_vec()),
+        }
+    }
+}
+
+impl Request for HostRequest {
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        let i = match self.headers.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                self.headers.push((name.to_string(), request_header(name)));
+                self.headers.len() - 1
+            }
+        };
+        self.headers.get(i).and_then(|(_, v)| v.as_deref())
+    }
+
+    fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
+        let slot = self.attributes.get_mut(attr.index())?;
+        slot.get_or_insert_with(|| Self::fetch(attr)).as_deref()
+    }
+}
+
+/// The plugin configuration bytes handed to `on_configure`.
+pub fn plugin_configuration() -> Vec<u8> {
+    hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// Logs any panic at critical level (with the filter's name) before the VM aborts,
+/// so the reason is in Envoy's log next to the failure policy's effect.
+pub fn install_panic_hook(filter: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
+    }));
+}
+
+/// A metric defined once (at configure time) and updated by id afterwards.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric(Option<u32>);
+
+impl Metric {
+    pub fn counter(name: &str) -> Metric {
+        Metric(hostcalls::define_metric(MetricType::Counter, name).ok())
+    }
+
+    pub fn gauge(name: &str) -> Metric {
+        Metric(hostcalls::define_metric(MetricType::Gauge, name).ok())
+    }
+
+    pub fn histogram(name: &str) -> Metric {
+        Metric(hostcalls::define_metric(MetricType::Histogram, name).ok())
+    }
+
+    pub fn add(self, delta: i64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::increment_metric(id, delta);
+        }
+    }
+
+    /// Sets a gauge or records a histogram sample.
+    pub fn record(self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
+/// Answers the request locally; Envoy then runs this filter's response callbacks too.
+pub fn send_local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
+    let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body));
+}
+
+/// Makes Envoy pick the route again after a routing header changed (Envoy 1.33+
+/// no longer does this by itself for newer ABIs). Unsupported hosts: ignored.
+pub fn clear_route_cache() {
+    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+}

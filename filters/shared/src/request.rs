@@ -1,0 +1,249 @@
+//! The request as the policy cores see it: headers and a few Envoy attributes,
+//! fetched lazily so a request pays only for what a matching rule reads.
+
+use crate::config::{ConfigError, Node};
+use crate::json::Value;
+
+/// Request attributes that come from Envoy rather than from a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attribute {
+    /// `:path` without the query string.
+    Path,
+    /// `:method`.
+    Method,
+    /// `:authority` without the port, lower-cased.
+    Host,
+    /// Envoy route name (`xds.route_name`; in Istio, the VirtualService http route name).
+    Route,
+    /// Upstream cluster chosen by the route (`xds.cluster_name`).
+    Cluster,
+    /// Client IP address, without the port (`source.address`).
+    ClientIp,
+}
+
+impl Attribute {
+    pub const ALL: [Attribute; 6] = [
+        Attribute::Path,
+        Attribute::Method,
+        Attribute::Host,
+        Attribute::Route,
+        Attribute::Cluster,
+        Attribute::ClientIp,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn from_name(name: &str) -> Option<Attribute> {
+        Some(match name {
+            "path" => Attribute::Path,
+            "method" => Attribute::Method,
+            "host" => Attribute::Host,
+            "route" => Attribute::Route,
+            "cluster" => Attribute::Cluster,
+            "client_ip" => Attribute::ClientIp,
+            _ => return None,
+        })
+    }
+}
+
+/// What a core may ask of the request. Header names are lower-case. Values are
+/// bytes: header values need not be UTF-8, and the cores must not care.
+pub trait Request {
+    fn header(&mut self, name: &str) -> Option<&[u8]>;
+    fn attribute(&mut self, attr: Attribute) -> Option<&[u8]>;
+}
+
+/// Where a value (a rate-limit key part, a sticky key, a breaker scope) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Header(String),
+    Cookie(String),
+    Attribute(Attribute),
+    Static(String),
+}
+
+impl Source {
+    /// Reads `"client_ip"` / `"path"` / ... or `{"header": "x"}`, `{"cookie": "c"}`,
+    /// `{"static": "v"}`, and also `{"client_ip": true}` style objects.
+    pub fn parse(node: &Node<'_>) -> Result<Source, ConfigError> {
+        const EXPECTED: &str = "expected one of \"client_ip\", \"path\", \"method\", \"host\", \
+                                \"route\", \"cluster\", {\"header\": name}, {\"cookie\": name}, \
+                                {\"static\": value}";
+        match node.value() {
+            Value::String(s) => Attribute::from_name(s)
+                .map(Source::Attribute)
+                .ok_or_else(|| node.error(format!("{EXPECTED}, got \"{s}\""))),
+            Value::Object(entries) if entries.len() == 1 => {
+                let mut fields = node.object()?;
+                let source = if let Some(n) = fields.optional("header") {
+                    Source::Header(n.header_name()?)
+                } else if let Some(n) = fields.optional("cookie") {
+                    Source::Cookie(n.name()?.to_string())
+                } else if let Some(n) = fields.optional("static") {
+                    Source::Static(n.str()?.to_string())
+                } else {
+                    let mut found = None;
+                    for attr in ["client_ip", "path", "method", "host", "route", "cluster"] {
+                        if let Some(n) = fields.optional(attr) {
+                            if !n.bool()? {
+                                return Err(n.error("only true is meaningful here"));
+                            }
+                            found = Attribute::from_name(attr).map(Source::Attribute);
+                        }
+                    }
+                    match found {
+                        Some(s) => s,
+                        None => {
+                            fields.finish()?;
+                            return Err(node.error(EXPECTED));
+                        }
+                    }
+                };
+                fields.finish()?;
+                Ok(source)
+            }
+            _ => Err(node.error(EXPECTED)),
+        }
+    }
+
+    /// The value for this request, if the request has one.
+    pub fn read<'r>(&'r self, req: &'r mut dyn Request) -> Option<&'r [u8]> {
+        match self {
+            Source::Header(name) => req.header(name),
+            Source::Cookie(name) => req.header("cookie").and_then(|c| cookie_value(c, name)),
+            Source::Attribute(attr) => req.attribute(*attr),
+            Source::Static(value) => Some(value.as_bytes()),
+        }
+    }
+}
+
+/// The value of cookie `name` in a `cookie` header (`a=1; b=2`).
+pub fn cookie_value<'c>(header: &'c [u8], name: &str) -> Option<&'c [u8]> {
+    header.split(|b| *b == b';').find_map(|pair| {
+        let pair = trim(pair);
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (k, v) = pair.split_at(eq);
+        (k == name.as_bytes()).then(|| trim(v.get(1..).unwrap_or_default()))
+    })
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Strips the query string from a `:path` value.
+pub fn path_without_query(path: &[u8]) -> &[u8] {
+    match path.iter().position(|b| *b == b'?' || *b == b'#') {
+        Some(i) => path.get(..i).unwrap_or(path),
+        None => path,
+    }
+}
+
+/// Strips the port from an `:authority` value (`host:80`, `[::1]:80`).
+pub fn host_without_port(authority: &[u8]) -> &[u8] {
+    if authority.first() == Some(&b'[') {
+        return match authority.iter().position(|b| *b == b']') {
+            Some(end) => authority.get(..=end).unwrap_or(authority),
+            None => authority,
+        };
+    }
+    match authority.iter().rposition(|b| *b == b':') {
+        Some(i) => authority.get(..i).unwrap_or(authority),
+        None => authority,
+    }
+}
+
+/// Strips the port from Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`).
+pub fn ip_without_port(address: &[u8]) -> &[u8] {
+    if address.first() == Some(&b'[') {
+        return match address.iter().position(|b| *b == b']') {
+            Some(end) => address.get(1..end).unwrap_or(address),
+            None => address,
+        };
+    }
+    // A bare IPv6 address has several ':'; only "ip:port" has exactly one.
+    if address.iter().filter(|b| **b == b':').count() == 1 {
+        host_without_port(address)
+    } else {
+        address
+    }
+}
+
+/// A request made of maps, for tests of the cores.
+#[derive(Debug, Default, Clone)]
+pub struct FakeRequest {
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub attributes: Vec<(Attribute, Vec<u8>)>,
+    /// How many lookups the core made, to check it fetches only what it needs.
+    pub lookups: usize,
+}
+
+impl FakeRequest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.as_ref().to_vec()));
+        self
+    }
+
+    pub fn with(mut self, attr: Attribute, value: impl AsRef<[u8]>) -> Self {
+        self.attributes.push((attr, value.as_ref().to_vec()));
+        self
+    }
+}
+
+impl Request for FakeRequest {
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        self.lookups += 1;
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+
+    fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
+        self.lookups += 1;
+        self.attributes.iter().find(|(a, _)| *a == attr).map(|(_, v)| v.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_document;
+
+    fn source(text: &str) -> Result<Source, ConfigError> {
+        let v = parse_document(text.as_bytes()).unwrap();
+        Source::parse(&Node::root(&v))
+    }
+
+    #[test]
+    fn sources_parse_in_both_forms() {
+        assert_eq!(source(r#""client_ip""#).unwrap(), Source::Attribute(Attribute::ClientIp));
+        assert_eq!(source(r#"{"client_ip": true}"#).unwrap(), Source::Attribute(Attribute::ClientIp));
+        assert_eq!(source(r#"{"header": "X-Api-Key"}"#).unwrap(), Source::Header("x-api-key".into()));
+        assert_eq!(source(r#"{"static": "all"}"#).unwrap(), Source::Static("all".into()));
+        assert!(source(r#""clientip""#).is_err());
+        assert!(source(r#"{"header": "a", "static": "b"}"#).is_err());
+        assert_eq!(source(r#"{"haeder": "a"}"#).unwrap_err().path, "haeder");
+    }
+
+    #[test]
+    fn cookies_and_addresses() {
+        assert_eq!(cookie_value(b"a=1; user=bob ;c=3", "user"), Some(&b"bob"[..]));
+        assert_eq!(cookie_value(b"a=1", "user"), None);
+        assert_eq!(ip_without_port(b"10.0.0.1:5555"), b"10.0.0.1");
+        assert_eq!(ip_without_port(b"[::1]:5555"), b"::1");
+        assert_eq!(ip_without_port(b"::1"), b"::1");
+        assert_eq!(host_without_port(b"example.com:8080"), b"example.com");
+        assert_eq!(host_without_port(b"[::1]:80"), b"[::1]");
+        assert_eq!(path_without_query(b"/a/b?x=1"), b"/a/b");
+    }
+}
