@@ -1,1 +1,79 @@
+//! The integration-test harness of mesh-filters: a real Envoy running the
+//! built `.wasm` filters, in front of real upstreams, driven with real HTTP.
+//!
+//! ```no_run
+//! use mesh_testkit::{Bootstrap, Envoy, Upstream, WasmFilter, http};
+//! let upstream = Upstream::start("v1");
+//! let envoy = Envoy::start(&Bootstrap::new()
+//!     .wasm(WasmFilter::new("ratelimit", r#"{"rules": []}"#))
+//!     .route("default", "/", "v1")
+//!     .cluster("v1", upstream.port())
+//!     .yaml());
+//! let answer = http::get(envoy.port(), "/", &[]).unwrap();
+//! assert_eq!(answer.status, 200);
+//! ```
+//! Every process a test starts is stopped when its handle drops, also when
+//! the test fails; Envoy's log is printed then.
 
+pub mod config;
+pub mod envoy;
+pub mod http;
+pub mod upstream;
+
+use std::path::PathBuf;
+
+pub use config::{json_string, wasm_path, Bootstrap, WasmFilter};
+pub use envoy::{envoy_binary, Envoy, StartFailure};
+pub use upstream::{Behaviour, Upstream};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Where the build puts the size-optimised `.wasm` files.
+pub fn dist_dir() -> PathBuf {
+    std::env::var_os("MESH_DIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("dist"))
+}
+
+/// Sends `total` GETs from `connections` threads, each on its own keep-alive
+/// connection; returns every response (or the I/O error) in no particular order.
+pub fn concurrent_gets(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    connections: usize,
+    total: usize,
+) -> Vec<std::io::Result<http::Response>> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(connections));
+    let handles: Vec<_> = (0..connections)
+        .map(|i| {
+            let share = total / connections + usize::from(i < total % connections);
+            let (path, headers, barrier) = (path.to_string(), headers.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let h: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let mut client = http::Client::new(port);
+                barrier.wait();
+                (0..share)
+                    .map(|_| client.get(&path, &h))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}

@@ -1,1 +1,74 @@
-fn main() {}
+//! Project tasks: `cargo xtask <task>`.
+//!
+//!   build   build every filter to dist/<filter>.wasm (size-optimised)
+//!   test    build, install Envoy if needed, then lint and run the whole test suite
+//!   demo    build, start Envoy with all filters in front of two upstreams, show them work
+//!   envoy   print the path of the Envoy binary the tests use (installing it if needed)
+
+mod build;
+mod demo;
+
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build::build_all().map(|_| ()),
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo::run(),
+        Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
+        _ => Err("usage: cargo xtask build | test | demo | envoy".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command, failing with its description if it fails.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed ({status})"))
+    }
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The whole suite, as CI runs it: build the filters, make sure Envoy is
+/// there, check formatting and lints, then every unit, property and
+/// integration test. Extra arguments go to `cargo test` (e.g. a test name).
+fn test(extra: &[String]) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let toolchain = build::build_all()?;
+    let envoy = mesh_testkit::envoy_binary()?;
+    println!("==> envoy: {}", envoy.display());
+    println!("==> cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    println!("==> cargo clippy (host, and the wasm adapters)");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build::clippy_wasm(&toolchain)?;
+    println!("==> cargo test");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"])
+        .args(extra)
+        .env("ENVOY_BIN", &envoy);
+    run(&mut cmd)?;
+    println!("==> all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}

@@ -81,7 +81,10 @@ impl Config {
         };
         let response = match f.optional("response") {
             Some(n) => parse_response(&n)?,
-            None => Response { status: 429, body: "rate limited\n".into() },
+            None => Response {
+                status: 429,
+                body: "rate limited\n".into(),
+            },
         };
         let headers = match f.optional("headers") {
             None => HeaderStyle::Draft,
@@ -114,7 +117,12 @@ impl Config {
             }
         }
         f.finish()?;
-        Ok(Config { rules, response, headers, headers_on_allowed })
+        Ok(Config {
+            rules,
+            response,
+            headers,
+            headers_on_allowed,
+        })
     }
 }
 
@@ -136,7 +144,9 @@ fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
 pub fn check_rule_name(node: &Node<'_>) -> Result<String, ConfigError> {
     let name = node.name()?;
     let ok = name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
     if !ok {
         return Err(node.error(format!(
             "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
@@ -145,7 +155,12 @@ pub fn check_rule_name(node: &Node<'_>) -> Result<String, ConfigError> {
     Ok(name.to_string())
 }
 
-fn parse_rule(node: &Node<'_>, index: usize, scope: &str, default_max_keys: u64) -> Result<Rule, ConfigError> {
+fn parse_rule(
+    node: &Node<'_>,
+    index: usize,
+    scope: &str,
+    default_max_keys: u64,
+) -> Result<Rule, ConfigError> {
     let mut f = node.object()?;
     let name = check_rule_name(&f.required("name")?)?;
     let matcher = Matcher::parse(f.optional("match").as_ref())?;
@@ -187,7 +202,10 @@ fn parse_rule(node: &Node<'_>, index: usize, scope: &str, default_max_keys: u64)
     // Buckets are keyed by everything that gives their numbers meaning, so a
     // changed limit starts from fresh buckets instead of misreading old ones.
     let identity = format!("{name}|{key:?}|{gcra:?}|{max_keys}");
-    let prefix = format!("mesh.rl.{scope}.{index}.{:016x}.", hash64(&[identity.as_bytes()]));
+    let prefix = format!(
+        "mesh.rl.{scope}.{index}.{:016x}.",
+        hash64(&[identity.as_bytes()])
+    );
     Ok(Rule {
         name,
         matcher,
@@ -216,7 +234,11 @@ fn parse_limit(node: &Node<'_>) -> Result<Limit, ConfigError> {
         None => requests,
     };
     f.finish()?;
-    Ok(Limit { requests, per, burst })
+    Ok(Limit {
+        requests,
+        per,
+        burst,
+    })
 }
 
 #[cfg(test)]
@@ -247,19 +269,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.rules.len(), 1);
-        assert_eq!(c.rules[0].limit, Limit { requests: 100, per: Duration::from_secs(60), burst: 20 });
+        assert_eq!(
+            c.rules[0].limit,
+            Limit {
+                requests: 100,
+                per: Duration::from_secs(60),
+                burst: 20
+            }
+        );
         assert_eq!(c.rules[0].table.max_keys(), 100_000);
         assert_eq!(c.response.status, 429);
     }
 
     #[test]
     fn defaults() {
-        let c = Config::parse(br#"{"rules": [{"name": "a", "limit": {"requests": 5, "per": "1s"}}]}"#, "t").unwrap();
+        let c = Config::parse(
+            br#"{"rules": [{"name": "a", "limit": {"requests": 5, "per": "1s"}}]}"#,
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.rules[0].limit.burst, 5);
         assert_eq!(c.rules[0].on_missing_key, MissingKey::Skip);
-        assert_eq!(c.rules[0].table.max_keys(), 1, "an unkeyed rule has one bucket");
+        assert_eq!(
+            c.rules[0].table.max_keys(),
+            1,
+            "an unkeyed rule has one bucket"
+        );
         assert_eq!(c.headers, HeaderStyle::Draft);
-        assert_eq!(c.response, Response { status: 429, body: "rate limited\n".into() });
+        assert_eq!(
+            c.response,
+            Response {
+                status: 429,
+                body: "rate limited\n".into()
+            }
+        );
         assert!(Config::parse(b"", "t").unwrap().rules.is_empty());
     }
 
@@ -278,17 +321,35 @@ mod tests {
             err(&rule(r#"{"requests": "5", "per": "1s"}"#)),
             "rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"5\""
         );
-        assert_eq!(err(&rule(r#"{"requests": 5, "per": "0s"}"#)), "rules[0].limit.per: must be longer than 0s");
-        assert!(err(&rule(r#"{"requests": 5, "per": "1s", "brust": 3}"#)).starts_with("rules[0].limit.brust: unknown field"));
-        assert!(err(r#"{"rules": [], "shadwo": true}"#).starts_with("shadwo: unknown field"));
-        assert_eq!(err(r#"{"rules": [{"limit": {"requests": 1, "per": "1s"}}]}"#), "rules[0].name: is required");
         assert_eq!(
-            err(r#"{"rules": [{"name": "a", "limit": {"requests": 1, "per": "1s"}}, {"name": "a", "limit": {"requests": 1, "per": "1s"}}]}"#),
+            err(&rule(r#"{"requests": 5, "per": "0s"}"#)),
+            "rules[0].limit.per: must be longer than 0s"
+        );
+        assert!(err(&rule(r#"{"requests": 5, "per": "1s", "brust": 3}"#))
+            .starts_with("rules[0].limit.brust: unknown field"));
+        assert!(err(r#"{"rules": [], "shadwo": true}"#).starts_with("shadwo: unknown field"));
+        assert_eq!(
+            err(r#"{"rules": [{"limit": {"requests": 1, "per": "1s"}}]}"#),
+            "rules[0].name: is required"
+        );
+        assert_eq!(
+            err(
+                r#"{"rules": [{"name": "a", "limit": {"requests": 1, "per": "1s"}}, {"name": "a", "limit": {"requests": 1, "per": "1s"}}]}"#
+            ),
             "rules[1].name: duplicate rule name \"a\""
         );
-        assert_eq!(err(r#"{"headers": "ietf"}"#), r#"headers: expected "draft", "x-ratelimit" or "none", got "ietf""#);
-        assert_eq!(err(r#"{"response": {"status": 99}}"#), "response.status: expected an integer from 200 to 599, got 99");
-        assert!(err(r#"{"rules": [{"name": "a b", "limit": {"requests": 1, "per": "1s"}}]}"#).starts_with("rules[0].name:"));
+        assert_eq!(
+            err(r#"{"headers": "ietf"}"#),
+            r#"headers: expected "draft", "x-ratelimit" or "none", got "ietf""#
+        );
+        assert_eq!(
+            err(r#"{"response": {"status": 99}}"#),
+            "response.status: expected an integer from 200 to 599, got 99"
+        );
+        assert!(
+            err(r#"{"rules": [{"name": "a b", "limit": {"requests": 1, "per": "1s"}}]}"#)
+                .starts_with("rules[0].name:")
+        );
         assert!(err("[1]").starts_with("configuration: expected an object"));
         assert!(err("{").starts_with("configuration: invalid JSON"));
     }
@@ -296,8 +357,12 @@ mod tests {
     #[test]
     fn changing_a_limit_changes_the_bucket_keys() {
         let parse = |n: u32| {
-            let json = format!(r#"{{"rules": [{{"name": "a", "limit": {{"requests": {n}, "per": "1s"}}}}]}}"#);
-            Config::parse(json.as_bytes(), "t").unwrap().rules[0].table.clone()
+            let json = format!(
+                r#"{{"rules": [{{"name": "a", "limit": {{"requests": {n}, "per": "1s"}}}}]}}"#
+            );
+            Config::parse(json.as_bytes(), "t").unwrap().rules[0]
+                .table
+                .clone()
         };
         assert_ne!(parse(5), parse(6));
         assert_eq!(parse(5), parse(5));

@@ -42,7 +42,10 @@ impl RuleStats {
             shadow_limited: requests("shadow_limited"),
             denied_missing_key: requests("denied_missing_key"),
             failed_open: requests("failed_open"),
-            overflow: Metric::counter(&stat_name("mesh_ratelimit_overflow_total", &[("rule", rule)])),
+            overflow: Metric::counter(&stat_name(
+                "mesh_ratelimit_overflow_total",
+                &[("rule", rule)],
+            )),
         }
     }
 
@@ -56,9 +59,15 @@ impl RuleStats {
             Verdict::FailedOpen { .. } => self.failed_open,
         };
         metric.add(1);
-        if let Verdict::Allowed { overflowed: true, .. }
-        | Verdict::Limited { overflowed: true, .. }
-        | Verdict::ShadowLimited { overflowed: true, .. } = verdict
+        if let Verdict::Allowed {
+            overflowed: true, ..
+        }
+        | Verdict::Limited {
+            overflowed: true, ..
+        }
+        | Verdict::ShadowLimited {
+            overflowed: true, ..
+        } = verdict
         {
             self.overflow.add(1);
         }
@@ -91,10 +100,18 @@ impl RootContext for Root {
         };
         let limiter = RateLimiter::new(config);
         limiter.create_tables(&HostStore);
-        let stats = limiter.config.rules.iter().map(|r| RuleStats::define(&r.name)).collect();
+        let stats = limiter
+            .config
+            .rules
+            .iter()
+            .map(|r| RuleStats::define(&r.name))
+            .collect();
         host::log(
             LogLevel::Info,
-            &format!("{FILTER}: configured {} rule(s)", limiter.config.rules.len()),
+            &format!(
+                "{FILTER}: configured {} rule(s)",
+                limiter.config.rules.len()
+            ),
         );
         self.state = Some(Rc::new(State { limiter, stats }));
         true
@@ -102,7 +119,11 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let state = Rc::clone(self.state.as_ref()?);
-        Some(Box::new(Http { state, verdict: Verdict::NoRule, replied: false }))
+        Some(Box::new(Http {
+            state,
+            verdict: Verdict::NoRule,
+            replied: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -122,13 +143,17 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let state = &self.state;
-        let verdict = state.limiter.check(&mut HostRequest::new(), &HostStore, HostClock.now_nanos());
+        let verdict =
+            state
+                .limiter
+                .check(&mut HostRequest::new(), &HostStore, HostClock.now_nanos());
         if let Some(stats) = verdict.rule().and_then(|r| state.stats.get(r)) {
             stats.count(&verdict);
         }
         if verdict.rejects() {
             let headers = state.limiter.headers(&verdict);
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
             let response = &state.limiter.config.response;
             host::send_local_reply(response.status, &headers, response.body.as_bytes());
             self.replied = true;

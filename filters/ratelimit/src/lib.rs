@@ -24,10 +24,22 @@ pub use gcra::{Decision, Gcra};
 pub enum Verdict {
     /// No rule applies.
     NoRule,
-    Allowed { rule: usize, decision: Decision, overflowed: bool },
-    Limited { rule: usize, decision: Decision, overflowed: bool },
+    Allowed {
+        rule: usize,
+        decision: Decision,
+        overflowed: bool,
+    },
+    Limited {
+        rule: usize,
+        decision: Decision,
+        overflowed: bool,
+    },
     /// Over the limit, but the rule is in shadow mode: let it through.
-    ShadowLimited { rule: usize, decision: Decision, overflowed: bool },
+    ShadowLimited {
+        rule: usize,
+        decision: Decision,
+        overflowed: bool,
+    },
     /// The key was missing and the rule says `deny`.
     DeniedMissingKey { rule: usize },
     /// Shared data stayed contended past the retry budget: let it through.
@@ -48,7 +60,10 @@ impl Verdict {
 
     /// Whether the request must be answered locally with the rejection.
     pub fn rejects(&self) -> bool {
-        matches!(self, Verdict::Limited { .. } | Verdict::DeniedMissingKey { .. })
+        matches!(
+            self,
+            Verdict::Limited { .. } | Verdict::DeniedMissingKey { .. }
+        )
     }
 
     /// The label used in stats.
@@ -105,11 +120,23 @@ impl RateLimiter {
             };
             let (decision, overflowed) = (adm.decision, adm.overflowed);
             return if decision.allowed {
-                Verdict::Allowed { rule: index, decision, overflowed }
+                Verdict::Allowed {
+                    rule: index,
+                    decision,
+                    overflowed,
+                }
             } else if rule.shadow {
-                Verdict::ShadowLimited { rule: index, decision, overflowed }
+                Verdict::ShadowLimited {
+                    rule: index,
+                    decision,
+                    overflowed,
+                }
             } else {
-                Verdict::Limited { rule: index, decision, overflowed }
+                Verdict::Limited {
+                    rule: index,
+                    decision,
+                    overflowed,
+                }
             };
         }
         Verdict::NoRule
@@ -121,10 +148,14 @@ impl RateLimiter {
         let mut out = Vec::new();
         let (rule, decision) = match *verdict {
             Verdict::Limited { rule, decision, .. } => {
-                out.push(("retry-after", secs_ceil(decision.retry_after).max(1).to_string()));
+                out.push((
+                    "retry-after",
+                    secs_ceil(decision.retry_after).max(1).to_string(),
+                ));
                 (rule, decision)
             }
-            Verdict::Allowed { rule, decision, .. } | Verdict::ShadowLimited { rule, decision, .. }
+            Verdict::Allowed { rule, decision, .. }
+            | Verdict::ShadowLimited { rule, decision, .. }
                 if self.config.headers_on_allowed =>
             {
                 (rule, decision)
@@ -137,7 +168,8 @@ impl RateLimiter {
         let reset = secs_ceil(decision.reset_after);
         match self.config.headers {
             HeaderStyle::Draft => {
-                let window = secs_ceil(u64::try_from(rule.limit.per.as_nanos()).unwrap_or(u64::MAX)).max(1);
+                let window =
+                    secs_ceil(u64::try_from(rule.limit.per.as_nanos()).unwrap_or(u64::MAX)).max(1);
                 out.push((
                     "ratelimit-policy",
                     format!("\"{}\";q={};w={}", rule.name, rule.limit.requests, window),
@@ -195,7 +227,9 @@ mod tests {
     }
 
     fn api_key(k: &str) -> FakeRequest {
-        FakeRequest::new().with(Attribute::Path, "/api/x").with_header("x-api-key", k)
+        FakeRequest::new()
+            .with(Attribute::Path, "/api/x")
+            .with_header("x-api-key", k)
     }
 
     const KEYED: &str = r#"{"rules": [
@@ -207,7 +241,11 @@ mod tests {
     #[test]
     fn first_matching_rule_applies_and_keys_are_independent() {
         let (l, s) = limiter(KEYED);
-        let labels = |k: &str| -> Vec<&str> { (0..3).map(|_| l.check(&mut api_key(k), &s, NOW).label()).collect() };
+        let labels = |k: &str| -> Vec<&str> {
+            (0..3)
+                .map(|_| l.check(&mut api_key(k), &s, NOW).label())
+                .collect()
+        };
         assert_eq!(labels("a"), ["allowed", "allowed", "limited"]);
         assert_eq!(labels("b"), ["allowed", "allowed", "limited"]);
     }
@@ -215,7 +253,9 @@ mod tests {
     #[test]
     fn missing_key_skips_to_the_next_rule() {
         let (l, s) = limiter(KEYED);
-        let mut req = FakeRequest::new().with(Attribute::Path, "/api/x").with(Attribute::ClientIp, "10.0.0.1");
+        let mut req = FakeRequest::new()
+            .with(Attribute::Path, "/api/x")
+            .with(Attribute::ClientIp, "10.0.0.1");
         assert_eq!(l.check(&mut req.clone(), &s, NOW).rule(), Some(1));
         assert!(l.check(&mut req, &s, NOW).rejects());
         // Neither key present: no rule applies.
@@ -229,16 +269,27 @@ mod tests {
                           {"name": "s", "key": [{"header": "k"}], "on_missing_key": {"static": "anon"}, "limit": {"requests": 1, "per": "1h"}}]}"#,
         );
         let mut d = FakeRequest::new().with(Attribute::Path, "/d");
-        assert_eq!(l.check(&mut d, &s, NOW), Verdict::DeniedMissingKey { rule: 0 });
+        assert_eq!(
+            l.check(&mut d, &s, NOW),
+            Verdict::DeniedMissingKey { rule: 0 }
+        );
         let mut anon = FakeRequest::new().with(Attribute::Path, "/x");
         assert_eq!(l.check(&mut anon.clone(), &s, NOW).label(), "allowed");
-        assert_eq!(l.check(&mut anon, &s, NOW).label(), "limited", "anonymous requests share one bucket");
+        assert_eq!(
+            l.check(&mut anon, &s, NOW).label(),
+            "limited",
+            "anonymous requests share one bucket"
+        );
     }
 
     #[test]
     fn shadow_counts_but_never_rejects() {
-        let (l, s) = limiter(r#"{"rules": [{"name": "sh", "shadow": true, "limit": {"requests": 1, "per": "1h"}}]}"#);
-        let v: Vec<Verdict> = (0..3).map(|_| l.check(&mut FakeRequest::new(), &s, NOW)).collect();
+        let (l, s) = limiter(
+            r#"{"rules": [{"name": "sh", "shadow": true, "limit": {"requests": 1, "per": "1h"}}]}"#,
+        );
+        let v: Vec<Verdict> = (0..3)
+            .map(|_| l.check(&mut FakeRequest::new(), &s, NOW))
+            .collect();
         assert_eq!(v[0].label(), "allowed");
         assert_eq!(v[1].label(), "shadow_limited");
         assert!(!v[1].rejects() && !v[2].rejects());
@@ -246,7 +297,9 @@ mod tests {
 
     #[test]
     fn a_rule_scoped_to_a_route_leaves_others_alone() {
-        let (l, s) = limiter(r#"{"rules": [{"name": "r", "match": {"route": "limited"}, "limit": {"requests": 1, "per": "1h"}}]}"#);
+        let (l, s) = limiter(
+            r#"{"rules": [{"name": "r", "match": {"route": "limited"}, "limit": {"requests": 1, "per": "1h"}}]}"#,
+        );
         let route = |r: &str| FakeRequest::new().with(Attribute::Route, r);
         for _ in 0..5 {
             assert_eq!(l.check(&mut route("open"), &s, NOW), Verdict::NoRule);
@@ -257,11 +310,16 @@ mod tests {
 
     #[test]
     fn headers_in_each_style() {
-        let (l, s) = limiter(r#"{"headers_on_allowed": true, "rules": [{"name": "h", "limit": {"requests": 10, "per": "1m", "burst": 2}}]}"#);
+        let (l, s) = limiter(
+            r#"{"headers_on_allowed": true, "rules": [{"name": "h", "limit": {"requests": 10, "per": "1m", "burst": 2}}]}"#,
+        );
         let ok = l.check(&mut FakeRequest::new(), &s, NOW);
         assert_eq!(
             l.headers(&ok),
-            vec![("ratelimit-policy", "\"h\";q=10;w=60".to_string()), ("ratelimit", "\"h\";r=1;t=6".to_string())]
+            vec![
+                ("ratelimit-policy", "\"h\";q=10;w=60".to_string()),
+                ("ratelimit", "\"h\";r=1;t=6".to_string())
+            ]
         );
         l.check(&mut FakeRequest::new(), &s, NOW);
         let limited = l.check(&mut FakeRequest::new(), &s, NOW);
@@ -274,9 +332,14 @@ mod tests {
             ]
         );
 
-        let (x, s) = limiter(r#"{"headers": "x-ratelimit", "rules": [{"name": "h", "limit": {"requests": 1, "per": "1m"}}]}"#);
+        let (x, s) = limiter(
+            r#"{"headers": "x-ratelimit", "rules": [{"name": "h", "limit": {"requests": 1, "per": "1m"}}]}"#,
+        );
         let ok = x.check(&mut FakeRequest::new(), &s, NOW);
-        assert!(x.headers(&ok).is_empty(), "allowed answers carry headers only when asked");
+        assert!(
+            x.headers(&ok).is_empty(),
+            "allowed answers carry headers only when asked"
+        );
         let limited = x.check(&mut FakeRequest::new(), &s, NOW);
         assert_eq!(
             x.headers(&limited),
@@ -291,9 +354,16 @@ mod tests {
 
     #[test]
     fn only_what_a_rule_needs_is_fetched() {
-        let (l, s) = limiter(r#"{"rules": [{"name": "r", "match": {"route": "a"}, "key": [{"header": "x"}], "limit": {"requests": 1, "per": "1s"}}]}"#);
-        let mut req = FakeRequest::new().with(Attribute::Route, "b").with_header("x", "1");
+        let (l, s) = limiter(
+            r#"{"rules": [{"name": "r", "match": {"route": "a"}, "key": [{"header": "x"}], "limit": {"requests": 1, "per": "1s"}}]}"#,
+        );
+        let mut req = FakeRequest::new()
+            .with(Attribute::Route, "b")
+            .with_header("x", "1");
         l.check(&mut req, &s, NOW);
-        assert_eq!(req.lookups, 1, "the key must not be read when the match fails");
+        assert_eq!(
+            req.lookups, 1,
+            "the key must not be read when the match fails"
+        );
     }
 }

@@ -79,7 +79,11 @@ impl KeyTable {
     /// Creates every shard and the overflow bucket if missing (configure time).
     pub fn create(&self, store: &dyn SharedStore) {
         for shard in 0..self.shards {
-            ensure(store, &self.shard_key(shard), &vec![0; self.capacity(shard) * SLOT_BYTES]);
+            ensure(
+                store,
+                &self.shard_key(shard),
+                &vec![0; self.capacity(shard) * SLOT_BYTES],
+            );
         }
         ensure(store, &self.overflow_key(), &[0; SLOT_BYTES]);
     }
@@ -100,15 +104,26 @@ impl KeyTable {
             decide_in_shard(bytes, capacity, gcra, fp, now)
         })?;
         match found {
-            Some(decision) => Ok(Admission { decision, overflowed: false, conflicts }),
+            Some(decision) => Ok(Admission {
+                decision,
+                overflowed: false,
+                conflicts,
+            }),
             None => {
-                let (decision, more) = update(store, &self.overflow_key(), MAX_ATTEMPTS, |bytes| {
-                    match decide_in_shard(bytes, 1, gcra, SINGLE_KEY, now) {
+                let (decision, more) = update(
+                    store,
+                    &self.overflow_key(),
+                    MAX_ATTEMPTS,
+                    |bytes| match decide_in_shard(bytes, 1, gcra, SINGLE_KEY, now) {
                         Step::Write(b, d) => Step::Write(b, d.unwrap_or(gcra.decide(None, now))),
                         Step::Keep(d) => Step::Keep(d.unwrap_or(gcra.decide(None, now))),
-                    }
-                })?;
-                Ok(Admission { decision, overflowed: true, conflicts: conflicts + more })
+                    },
+                )?;
+                Ok(Admission {
+                    decision,
+                    overflowed: true,
+                    conflicts: conflicts + more,
+                })
             }
         }
     }
@@ -117,7 +132,11 @@ impl KeyTable {
     pub fn live_keys(&self, store: &dyn SharedStore, now: u64) -> u64 {
         (0..self.shards)
             .filter_map(|s| store.get(&self.shard_key(s)))
-            .map(|(bytes, _)| slots(&bytes).filter(|(fp, tat)| *fp != 0 && *tat > now).count() as u64)
+            .map(|(bytes, _)| {
+                slots(&bytes)
+                    .filter(|(fp, tat)| *fp != 0 && *tat > now)
+                    .count() as u64
+            })
             .sum()
     }
 
@@ -233,11 +252,16 @@ mod tests {
         let now = 100 * SEC;
         let mut overflowed = 0;
         for i in 0..100_000u32 {
-            let adm = t.admit(&store, &g, hash64(&[&i.to_le_bytes()]), now).unwrap();
+            let adm = t
+                .admit(&store, &g, hash64(&[&i.to_le_bytes()]), now)
+                .unwrap();
             overflowed += u32::from(adm.overflowed);
         }
         assert!(t.live_keys(&store, now) <= max_keys);
-        assert!(t.live_keys(&store, now) >= max_keys * 9 / 10, "the table should fill up");
+        assert!(
+            t.live_keys(&store, now) >= max_keys * 9 / 10,
+            "the table should fill up"
+        );
         assert_eq!(t.stored_slots(&store), max_keys);
         // Shards + overflow bucket: nothing else was created.
         assert_eq!(store.len() as u64, max_keys.div_ceil(SLOTS_PER_SHARD) + 1);
@@ -252,7 +276,12 @@ mod tests {
         let now = 100 * SEC;
         let mut allowed = 0;
         for i in 0..100u32 {
-            allowed += u32::from(t.admit(&store, &g, hash64(&[&i.to_le_bytes()]), now).unwrap().decision.allowed);
+            allowed += u32::from(
+                t.admit(&store, &g, hash64(&[&i.to_le_bytes()]), now)
+                    .unwrap()
+                    .decision
+                    .allowed,
+            );
         }
         // 1 for the key in the only slot (it sent one request), and a burst of 3
         // shared by the 99 others.
@@ -281,7 +310,9 @@ mod tests {
             .map(|_| {
                 let (store, t) = (Arc::clone(&store), Arc::clone(&t));
                 std::thread::spawn(move || {
-                    (0..1000).filter(|_| t.admit(&*store, &g, 42, now).unwrap().decision.allowed).count()
+                    (0..1000)
+                        .filter(|_| t.admit(&*store, &g, 42, now).unwrap().decision.allowed)
+                        .count()
                 })
             })
             .collect();

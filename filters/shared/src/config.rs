@@ -54,7 +54,10 @@ pub struct Node<'a> {
 
 impl<'a> Node<'a> {
     pub fn root(value: &'a Value) -> Self {
-        Node { value, path: String::new() }
+        Node {
+            value,
+            path: String::new(),
+        }
     }
 
     pub fn path(&self) -> &str {
@@ -67,7 +70,10 @@ impl<'a> Node<'a> {
 
     /// An error located at this node.
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError { path: self.path.clone(), message: message.into() }
+        ConfigError {
+            path: self.path.clone(),
+            message: message.into(),
+        }
     }
 
     fn expected(&self, what: &str) -> ConfigError {
@@ -84,7 +90,10 @@ impl<'a> Node<'a> {
     }
 
     fn child(&self, value: &'a Value, segment: fmt::Arguments<'_>) -> Node<'a> {
-        Node { value, path: format!("{}{}", self.path, segment) }
+        Node {
+            value,
+            path: format!("{}{}", self.path, segment),
+        }
     }
 
     pub fn object(&self) -> Result<Fields<'a>, ConfigError> {
@@ -227,7 +236,10 @@ impl<'a> Fields<'a> {
             .iter()
             .find(|(k, v)| k == name && *v != Value::Null)
             .map(|(_, v)| v)?;
-        Some(Node { value, path: self.field_path(name) })
+        Some(Node {
+            value,
+            path: self.field_path(name),
+        })
     }
 
     pub fn required(&mut self, name: &'static str) -> Result<Node<'a>, ConfigError> {
@@ -242,7 +254,15 @@ impl<'a> Fields<'a> {
         self.entries
             .iter()
             .filter(|(_, v)| *v != Value::Null)
-            .map(|(k, v)| (k.as_str(), Node { value: v, path: self.field_path(k) }))
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    Node {
+                        value: v,
+                        path: self.field_path(k),
+                    },
+                )
+            })
             .collect()
     }
 
@@ -293,7 +313,10 @@ mod tests {
         let _ = top.optional("max_keys");
         let err = top.finish().unwrap_err();
         assert_eq!(err.path, "max_kyes");
-        assert_eq!(err.message, "unknown field (expected one of: max_keys, rules)");
+        assert_eq!(
+            err.message,
+            "unknown field (expected one of: max_keys, rules)"
+        );
     }
 
     #[test]
@@ -301,7 +324,11 @@ mod tests {
         let v = doc(r#"{"n": -3, "s": 4, "b": "yes"}"#);
         let mut top = Node::root(&v).object().unwrap();
         assert_eq!(
-            top.required("n").unwrap().positive(100).unwrap_err().to_string(),
+            top.required("n")
+                .unwrap()
+                .positive(100)
+                .unwrap_err()
+                .to_string(),
             "n: expected an integer from 1 to 100, got -3"
         );
         assert_eq!(

@@ -50,7 +50,11 @@ fn scaled(number: &str, unit_nanos: u128) -> Option<u128> {
     if whole.is_empty() && frac.is_empty() || frac.contains('.') || frac.len() > 18 {
         return None;
     }
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut nanos = whole.checked_mul(unit_nanos)?;
     if !frac.is_empty() {
         let digits: u128 = frac.parse().ok()?;
@@ -63,7 +67,13 @@ fn scaled(number: &str, unit_nanos: u128) -> Option<u128> {
 /// Formats a duration the way configuration writes it (for logs and docs).
 pub fn format_duration(d: Duration) -> String {
     let nanos = d.as_nanos();
-    for (unit, size) in [("h", 3_600_000_000_000u128), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)] {
+    for (unit, size) in [
+        ("h", 3_600_000_000_000u128),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+    ] {
         if nanos >= size && nanos % size == 0 {
             return format!("{}{}", nanos / size, unit);
         }
@@ -89,9 +99,23 @@ mod tests {
 
     #[test]
     fn refuses_everything_else_with_the_expected_message() {
-        for bad in ["fast", "", "1", "s", "1x", "-1s", "1..5s", "1.2.3s", ".s", "99999999999999999999999h"] {
+        for bad in [
+            "fast",
+            "",
+            "1",
+            "s",
+            "1x",
+            "-1s",
+            "1..5s",
+            "1.2.3s",
+            ".s",
+            "99999999999999999999999h",
+        ] {
             let err = parse_duration(bad).unwrap_err();
-            assert_eq!(err, format!("expected a duration like \"1s\", got \"{bad}\""));
+            assert_eq!(
+                err,
+                format!("expected a duration like \"1s\", got \"{bad}\"")
+            );
         }
     }
 

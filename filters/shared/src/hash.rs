@@ -30,7 +30,10 @@ impl Default for KeyHasher {
 
 impl KeyHasher {
     pub fn new() -> Self {
-        KeyHasher { h: 0xcbf2_9ce4_8422_2325, parts: 0 }
+        KeyHasher {
+            h: 0xcbf2_9ce4_8422_2325,
+            parts: 0,
+        }
     }
 
     pub fn part(&mut self, bytes: &[u8]) {

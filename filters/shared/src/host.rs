@@ -66,7 +66,8 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     let mut data = null_mut();
     let mut size = 0;
     // SAFETY: pointers are valid for the call; the result is owned as above.
-    match unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) } {
+    match unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) }
+    {
         Status::Ok => Some(owned(data, size)),
         _ => None,
     }
@@ -79,7 +80,9 @@ fn header_value(map: i32, name: &str) -> Option<Vec<u8>> {
     let mut data = null_mut();
     let mut size = 0;
     // SAFETY: as in `property`.
-    match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) } {
+    match unsafe {
+        proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size)
+    } {
         Status::Ok => Some(owned(data, size)),
         _ => None,
     }
@@ -111,7 +114,9 @@ impl SharedStore for HostStore {
         let mut size = 0;
         let mut cas = 0;
         // SAFETY: as in `property`.
-        let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        let status = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
         match status {
             Status::Ok => Some((owned(data, size), cas)),
             _ => None,
@@ -119,9 +124,15 @@ impl SharedStore for HostStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Conflict> {
-        let ptr = if value.is_empty() { null() } else { value.as_ptr() };
+        let ptr = if value.is_empty() {
+            null()
+        } else {
+            value.as_ptr()
+        };
         // SAFETY: pointers are valid for the duration of the call.
-        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas.unwrap_or(0)) } {
+        match unsafe {
+            proxy_set_shared_data(key.as_ptr(), key.len(), ptr, value.len(), cas.unwrap_or(0))
+        } {
             Status::Ok => Ok(()),
             _ => Err(Conflict),
         }
@@ -163,7 +174,9 @@ impl HostRequest {
             }
             Attribute::Route => property(&["xds", "route_name"]).filter(|r| !r.is_empty()),
             Attribute::Cluster => property(&["xds", "cluster_name"]).filter(|c| !c.is_empty()),
-            Attribute::ClientIp => property(&["source", "address"]).map(|a| ip_without_port(&a).to_vec()),
+            Attribute::ClientIp => {
+                property(&["source", "address"]).map(|a| ip_without_port(&a).to_vec())
+            }
         }
     }
 }
@@ -188,10 +201,14 @@ impl Request for HostRequest {
 
 /// The plugin configuration bytes handed to `on_configure`.
 pub fn plugin_configuration() -> Vec<u8> {
-    hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::PluginConfiguration,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 pub fn log(level: LogLevel, message: &str) {

@@ -309,15 +309,32 @@ mod tests {
         let Value::Object(fields) = v else { panic!() };
         assert_eq!(fields[0].0, "b");
         assert_eq!(fields[1].0, "a");
-        let Value::Array(items) = &fields[0].1 else { panic!() };
-        assert_eq!(items[0], Value::Number(Number { int: Some(1), float: 1.0 }));
-        assert_eq!(items[1], Value::Number(Number { int: None, float: -2.5 }));
+        let Value::Array(items) = &fields[0].1 else {
+            panic!()
+        };
+        assert_eq!(
+            items[0],
+            Value::Number(Number {
+                int: Some(1),
+                float: 1.0
+            })
+        );
+        assert_eq!(
+            items[1],
+            Value::Number(Number {
+                int: None,
+                float: -2.5
+            })
+        );
         assert_eq!(items[2], Value::String("xé\n".into()));
     }
 
     #[test]
     fn surrogate_pairs_decode() {
-        assert_eq!(parse(br#""\ud83d\ude00""#).unwrap(), Value::String("😀".into()));
+        assert_eq!(
+            parse(br#""\ud83d\ude00""#).unwrap(),
+            Value::String("😀".into())
+        );
         assert!(parse(br#""\ud83d""#).is_err());
     }
 
@@ -337,7 +354,11 @@ mod tests {
             b"\"\x01\"",
             b"\"\xff\"",
         ] {
-            assert!(parse(bad).is_err(), "accepted {:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse(bad).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

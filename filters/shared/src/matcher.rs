@@ -76,7 +76,9 @@ impl Matcher {
                         let mut o = value_node.object()?;
                         let present = o.optional("present");
                         o.finish()?;
-                        let present = present.ok_or_else(|| value_node.error("expected {\"present\": true|false}"))?;
+                        let present = present.ok_or_else(|| {
+                            value_node.error("expected {\"present\": true|false}")
+                        })?;
                         HeaderMatch::Present(present.bool()?)
                     }
                     _ => {
@@ -141,11 +143,13 @@ impl Matcher {
                 return false;
             }
         }
-        self.headers.iter().all(|(name, want)| match (want, req.header(name)) {
-            (HeaderMatch::Exact(v), Some(got)) => got == v.as_slice(),
-            (HeaderMatch::Exact(_), None) => false,
-            (HeaderMatch::Present(p), got) => got.is_some() == *p,
-        })
+        self.headers
+            .iter()
+            .all(|(name, want)| match (want, req.header(name)) {
+                (HeaderMatch::Exact(v), Some(got)) => got == v.as_slice(),
+                (HeaderMatch::Exact(_), None) => false,
+                (HeaderMatch::Present(p), got) => got.is_some() == *p,
+            })
     }
 }
 
@@ -223,10 +227,24 @@ mod tests {
 
     #[test]
     fn bad_matches_name_the_field() {
-        assert_eq!(matcher(r#"{"path_prefix": "v1"}"#).unwrap_err().path, "path_prefix");
-        assert_eq!(matcher(r#"{"methods": ["G ET"]}"#).unwrap_err().path, "methods[0]");
-        assert_eq!(matcher(r#"{"headers": {"x": 3}}"#).unwrap_err().path, "headers.x");
-        assert_eq!(matcher(r#"{"headers": {"x": {"presnt": true}}}"#).unwrap_err().path, "headers.x.presnt");
+        assert_eq!(
+            matcher(r#"{"path_prefix": "v1"}"#).unwrap_err().path,
+            "path_prefix"
+        );
+        assert_eq!(
+            matcher(r#"{"methods": ["G ET"]}"#).unwrap_err().path,
+            "methods[0]"
+        );
+        assert_eq!(
+            matcher(r#"{"headers": {"x": 3}}"#).unwrap_err().path,
+            "headers.x"
+        );
+        assert_eq!(
+            matcher(r#"{"headers": {"x": {"presnt": true}}}"#)
+                .unwrap_err()
+                .path,
+            "headers.x.presnt"
+        );
         assert_eq!(matcher(r#"{"host": "a.*.com"}"#).unwrap_err().path, "host");
         assert_eq!(matcher(r#"{"rout": "a"}"#).unwrap_err().path, "rout");
     }

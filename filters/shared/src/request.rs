@@ -192,7 +192,8 @@ impl FakeRequest {
     }
 
     pub fn with_header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
-        self.headers.push((name.to_ascii_lowercase(), value.as_ref().to_vec()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.as_ref().to_vec()));
         self
     }
 
@@ -205,12 +206,18 @@ impl FakeRequest {
 impl Request for FakeRequest {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         self.lookups += 1;
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
         self.lookups += 1;
-        self.attributes.iter().find(|(a, _)| *a == attr).map(|(_, v)| v.as_slice())
+        self.attributes
+            .iter()
+            .find(|(a, _)| *a == attr)
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -226,10 +233,22 @@ mod tests {
 
     #[test]
     fn sources_parse_in_both_forms() {
-        assert_eq!(source(r#""client_ip""#).unwrap(), Source::Attribute(Attribute::ClientIp));
-        assert_eq!(source(r#"{"client_ip": true}"#).unwrap(), Source::Attribute(Attribute::ClientIp));
-        assert_eq!(source(r#"{"header": "X-Api-Key"}"#).unwrap(), Source::Header("x-api-key".into()));
-        assert_eq!(source(r#"{"static": "all"}"#).unwrap(), Source::Static("all".into()));
+        assert_eq!(
+            source(r#""client_ip""#).unwrap(),
+            Source::Attribute(Attribute::ClientIp)
+        );
+        assert_eq!(
+            source(r#"{"client_ip": true}"#).unwrap(),
+            Source::Attribute(Attribute::ClientIp)
+        );
+        assert_eq!(
+            source(r#"{"header": "X-Api-Key"}"#).unwrap(),
+            Source::Header("x-api-key".into())
+        );
+        assert_eq!(
+            source(r#"{"static": "all"}"#).unwrap(),
+            Source::Static("all".into())
+        );
         assert!(source(r#""clientip""#).is_err());
         assert!(source(r#"{"header": "a", "static": "b"}"#).is_err());
         assert_eq!(source(r#"{"haeder": "a"}"#).unwrap_err().path, "haeder");
@@ -237,7 +256,10 @@ mod tests {
 
     #[test]
     fn cookies_and_addresses() {
-        assert_eq!(cookie_value(b"a=1; user=bob ;c=3", "user"), Some(&b"bob"[..]));
+        assert_eq!(
+            cookie_value(b"a=1; user=bob ;c=3", "user"),
+            Some(&b"bob"[..])
+        );
         assert_eq!(cookie_value(b"a=1", "user"), None);
         assert_eq!(ip_without_port(b"10.0.0.1:5555"), b"10.0.0.1");
         assert_eq!(ip_without_port(b"[::1]:5555"), b"::1");

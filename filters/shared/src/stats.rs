@@ -30,7 +30,13 @@ pub fn tag_value(value: &str) -> String {
     }
     value
         .chars()
-        .map(|c| if c.is_ascii_graphic() && c != ';' && c != '=' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != ';' && c != '=' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -46,7 +52,10 @@ mod tests {
     #[test]
     fn names_follow_istios_convention() {
         assert_eq!(
-            stat_name("mesh_ratelimit_requests_total", &[("rule", "api"), ("decision", "allowed")]),
+            stat_name(
+                "mesh_ratelimit_requests_total",
+                &[("rule", "api"), ("decision", "allowed")]
+            ),
             "rule=.=api;.;decision=.=allowed;.;mesh_ratelimit_requests_total"
         );
         assert_eq!(tag_value("a;b=c d"), "a_b_c_d");

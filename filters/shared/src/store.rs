@@ -97,7 +97,11 @@ impl MemoryStore {
     pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
         self.inner
             .lock()
-            .map(|g| g.0.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect())
+            .map(|g| {
+                g.0.iter()
+                    .map(|(k, (v, _))| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }

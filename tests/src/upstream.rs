@@ -1,0 +1,271 @@
+//! A real HTTP/1.1 upstream on loopback that answers as told and counts what it saw.
+//!
+//! What it does per request comes from its current [`Behaviour`] (set by the
+//! test), overridden per request by headers the client sends through Envoy:
+//! `x-upstream-status: 503`, `x-upstream-delay-ms: 200`, `x-upstream-reset: 1`
+//! (close the connection without answering). Every answer carries
+//! `x-served-by: <name>` and the body `<name>\n`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+/// How the upstream answers requests that do not say otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behaviour {
+    pub status: u16,
+    pub delay: Duration,
+    pub reset: bool,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            status: 200,
+            delay: Duration::ZERO,
+            reset: false,
+        }
+    }
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+struct Shared {
+    name: String,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    behaviour: Mutex<Behaviour>,
+    seen: Mutex<Vec<SeenRequest>>,
+    stop: AtomicBool,
+}
+
+/// Keeps at most this many requests for inspection (the counter counts all).
+const MAX_SEEN: usize = 200_000;
+
+pub struct Upstream {
+    port: u16,
+    shared: Arc<Shared>,
+}
+
+impl Upstream {
+    /// Starts on a free loopback port.
+    pub fn start(name: &str) -> Upstream {
+        Self::start_on(name, 0).expect("bind a loopback port for the upstream")
+    }
+
+    /// Starts on a given port (0: any free one).
+    pub fn start_on(name: &str, port: u16) -> std::io::Result<Upstream> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            behaviour: Mutex::new(Behaviour::default()),
+            seen: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let accept_shared = Arc::clone(&shared);
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if accept_shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = Arc::clone(&accept_shared);
+                thread::spawn(move || serve(conn, &s));
+            }
+        });
+        Ok(Upstream { port, shared })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Requests received so far (including those answered with a reset).
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests being handled right now.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.shared.behaviour.lock().unwrap() = behaviour;
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve(conn: TcpStream, shared: &Shared) {
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
+    let mut writer = write_half;
+    let mut reader = BufReader::new(conn);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(req) = read_request(&mut reader) else {
+            return;
+        };
+        shared.requests.fetch_add(1, Ordering::SeqCst);
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let mut behaviour = shared.behaviour.lock().unwrap().clone();
+        let text = |n: &str| {
+            req.header(n)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_string)
+        };
+        if let Some(s) = text("x-upstream-status").and_then(|s| s.parse().ok()) {
+            behaviour.status = s;
+        }
+        if let Some(ms) = text("x-upstream-delay-ms").and_then(|s| s.parse().ok()) {
+            behaviour.delay = Duration::from_millis(ms);
+        }
+        if text("x-upstream-reset").is_some_and(|v| v == "1") {
+            behaviour.reset = true;
+        }
+        let close = text("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        {
+            let mut seen = shared.seen.lock().unwrap();
+            if seen.len() < MAX_SEEN {
+                seen.push(req);
+            }
+        }
+        if !behaviour.delay.is_zero() {
+            thread::sleep(behaviour.delay);
+        }
+        if behaviour.reset {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = writer.shutdown(Shutdown::Both);
+            return;
+        }
+        let body = format!("{}\n", shared.name);
+        let head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\nx-served-by: {}\r\ncontent-length: {}\r\n{}\r\n",
+            behaviour.status,
+            reason(behaviour.status),
+            shared.name,
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        let ok = writer
+            .write_all(head.as_bytes())
+            .and_then(|_| writer.write_all(body.as_bytes()));
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if ok.is_err() || close {
+            return;
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// Reads one request (line, headers, body by content-length or chunked).
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<SeenRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut raw = Vec::new();
+        reader.read_until(b'\n', &mut raw).ok()?;
+        if raw.is_empty() {
+            return None;
+        }
+        while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            raw.pop();
+        }
+        if raw.is_empty() {
+            break;
+        }
+        let colon = raw.iter().position(|b| *b == b':')?;
+        let name = String::from_utf8_lossy(&raw[..colon])
+            .trim()
+            .to_ascii_lowercase();
+        let mut value = &raw[colon + 1..];
+        while value.first() == Some(&b' ') {
+            value = &value[1..];
+        }
+        headers.push((name, value.to_vec()));
+    }
+    let req = SeenRequest {
+        method,
+        path,
+        headers,
+    };
+    let length: usize = req
+        .header("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .unwrap_or(0);
+    if req
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"))
+    {
+        loop {
+            let mut size_line = String::new();
+            reader.read_line(&mut size_line).ok()?;
+            let size = usize::from_str_radix(size_line.trim().split(';').next()?, 16).ok()?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).ok()?;
+            if size == 0 {
+                break;
+            }
+        }
+    } else if length > 0 {
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+    }
+    Some(req)
+}

@@ -1,0 +1,274 @@
+//! The ratelimit filter in a real Envoy (2 workers) in front of a real upstream.
+
+use mesh_testkit::http::{self, Client};
+use mesh_testkit::{concurrent_gets, Bootstrap, Envoy, Upstream, WasmFilter};
+
+/// Envoy with one ratelimit filter configured with `config`, routes `limited`
+/// (/limited) and `open` (everything else), both to one upstream.
+fn envoy_with(config: &str) -> (Envoy, Upstream) {
+    let upstream = Upstream::start("backend");
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new("ratelimit", config))
+            .route("limited", "/limited", "backend")
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port())
+            .yaml(),
+    );
+    (envoy, upstream)
+}
+
+fn statuses(responses: &[std::io::Result<http::Response>]) -> (usize, usize, usize) {
+    let ok = responses
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    let limited = responses
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 429))
+        .count();
+    (ok, limited, responses.len() - ok - limited)
+}
+
+#[test]
+fn exact_across_two_workers_under_32_connections() {
+    const N: usize = 300;
+    let (envoy, upstream) = envoy_with(&format!(
+        r#"{{"rules": [{{"name": "global", "limit": {{"requests": {N}, "per": "1h", "burst": {N}}}}}]}}"#
+    ));
+    let responses = concurrent_gets(envoy.port(), "/", &[], 40, 4 * N);
+    assert_eq!(
+        statuses(&responses),
+        (N, 3 * N, 0),
+        "expected exactly N answers 200 and 3N answers 429"
+    );
+    assert_eq!(
+        upstream.requests(),
+        N as u64,
+        "the upstream must see only admitted requests"
+    );
+    let count = |d: &str| {
+        envoy.metric(
+            "mesh_ratelimit_requests_total",
+            &[("rule", "global"), ("decision", d)],
+        )
+    };
+    assert_eq!(count("allowed"), Some(N as f64));
+    assert_eq!(count("limited"), Some(3.0 * N as f64));
+}
+
+#[test]
+fn keys_are_independent_and_headers_are_right() {
+    let (envoy, _upstream) = envoy_with(
+        r#"{"headers_on_allowed": true,
+            "rules": [{"name": "per-key", "key": [{"header": "x-api-key"}], "limit": {"requests": 2, "per": "1m"}}]}"#,
+    );
+    let mut c = Client::new(envoy.port());
+    for key in ["alice", "bob"] {
+        let h = [("x-api-key", key)];
+        let first = c.get("/", &h).unwrap();
+        assert_eq!(first.status, 200);
+        assert_eq!(
+            first.header("ratelimit-policy"),
+            Some("\"per-key\";q=2;w=60")
+        );
+        assert_eq!(first.header("ratelimit"), Some("\"per-key\";r=1;t=30"));
+        assert_eq!(
+            first.body_text(),
+            "backend\n",
+            "allowed answers come from the upstream"
+        );
+        assert_eq!(c.get("/", &h).unwrap().status, 200);
+        let third = c.get("/", &h).unwrap();
+        assert_eq!(third.status, 429, "{key}'s third request");
+        assert_eq!(third.body_text(), "rate limited\n");
+        assert_eq!(third.header("ratelimit"), Some("\"per-key\";r=0;t=60"));
+        let retry: u64 = third.header("retry-after").unwrap().parse().unwrap();
+        assert!((29..=30).contains(&retry), "retry-after {retry}");
+    }
+}
+
+#[test]
+fn x_ratelimit_headers_and_custom_response() {
+    let (envoy, _upstream) = envoy_with(
+        r#"{"headers": "x-ratelimit", "response": {"status": 503, "body": "slow down\n"},
+            "rules": [{"name": "one", "limit": {"requests": 1, "per": "1h"}}]}"#,
+    );
+    let mut c = Client::new(envoy.port());
+    let ok = c.get("/", &[]).unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(
+        ok.header("x-ratelimit-limit"),
+        None,
+        "allowed answers carry headers only when asked"
+    );
+    let limited = c.get("/", &[]).unwrap();
+    assert_eq!(
+        (limited.status, limited.body_text().as_str()),
+        (503, "slow down\n")
+    );
+    assert_eq!(limited.header("x-ratelimit-limit"), Some("1"));
+    assert_eq!(limited.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(limited.header("x-ratelimit-reset"), Some("3600"));
+    assert_eq!(limited.header("retry-after"), Some("3600"));
+    assert_eq!(limited.header("ratelimit"), None);
+}
+
+#[test]
+fn a_rule_scoped_to_one_route_leaves_the_other_unlimited() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "only-limited", "match": {"route": "limited"}, "limit": {"requests": 2, "per": "1h"}}]}"#,
+    );
+    let open = concurrent_gets(envoy.port(), "/other", &[], 4, 100);
+    assert_eq!(statuses(&open), (100, 0, 0));
+    let limited = concurrent_gets(envoy.port(), "/limited", &[], 4, 10);
+    assert_eq!(statuses(&limited), (2, 8, 0));
+    assert_eq!(upstream.requests(), 102);
+}
+
+#[test]
+fn missing_key_follows_on_missing_key() {
+    let (envoy, _upstream) = envoy_with(
+        r#"{"rules": [
+            {"name": "deny", "match": {"path_prefix": "/limited"}, "key": [{"header": "x-api-key"}],
+             "on_missing_key": "deny", "limit": {"requests": 100, "per": "1s"}},
+            {"name": "skip", "match": {"path_prefix": "/skip"}, "key": [{"header": "x-api-key"}],
+             "limit": {"requests": 1, "per": "1h"}},
+            {"name": "anon", "key": [{"header": "x-api-key"}], "on_missing_key": {"static": "anonymous"},
+             "limit": {"requests": 1, "per": "1h"}}
+        ]}"#,
+    );
+    let mut c = Client::new(envoy.port());
+    assert_eq!(
+        c.get("/limited", &[]).unwrap().status,
+        429,
+        "deny: no key, no entry"
+    );
+    assert_eq!(
+        c.get("/limited", &[("x-api-key", "k")]).unwrap().status,
+        200
+    );
+    // skip: the rule does not apply, the next matching one does (anon).
+    assert_eq!(c.get("/skip", &[]).unwrap().status, 200);
+    assert_eq!(
+        c.get("/skip", &[]).unwrap().status,
+        429,
+        "anonymous requests share one bucket"
+    );
+    assert_eq!(c.get("/x", &[]).unwrap().status, 429);
+    assert_eq!(
+        c.get("/x", &[("x-api-key", "someone")]).unwrap().status,
+        200
+    );
+    assert_eq!(
+        envoy.metric(
+            "mesh_ratelimit_requests_total",
+            &[("rule", "deny"), ("decision", "denied_missing_key")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn shadow_mode_lets_everything_through_and_counts() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "trial", "shadow": true, "limit": {"requests": 5, "per": "1h"}}]}"#,
+    );
+    let responses = concurrent_gets(envoy.port(), "/", &[], 8, 50);
+    assert_eq!(statuses(&responses), (50, 0, 0));
+    assert_eq!(upstream.requests(), 50);
+    let count = |d: &str| {
+        envoy.metric(
+            "mesh_ratelimit_requests_total",
+            &[("rule", "trial"), ("decision", d)],
+        )
+    };
+    assert_eq!(count("allowed"), Some(5.0));
+    assert_eq!(count("shadow_limited"), Some(45.0));
+    assert_eq!(count("limited"), Some(0.0));
+}
+
+#[test]
+fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
+    let rule = |limit: &str| format!(r#"{{"rules": [{{"name": "a", "limit": {limit}}}]}}"#);
+    let cases = [
+        (rule(r#"{"requests": 5, "per": "fast"}"#), r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#),
+        (rule(r#"{"requests": -5, "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got -5"),
+        (rule(r#"{"requests": "many", "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"many\""),
+        (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field (expected one of: headers, headers_on_allowed, max_keys, response, rules)"),
+    ];
+    for (config, expected) in cases {
+        let upstream = Upstream::start("backend");
+        let failure = Envoy::start_with(
+            &Bootstrap::new()
+                .wasm(WasmFilter::new("ratelimit", &config))
+                .route("open", "/", "backend")
+                .cluster("backend", upstream.port())
+                .yaml(),
+            2,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
+        let error_lines: Vec<&str> = failure
+            .log
+            .lines()
+            .filter(|l| l.contains("ratelimit: ") && l.contains("[error]"))
+            .collect();
+        assert_eq!(
+            error_lines.len(),
+            1,
+            "one error line expected; log:\n{}",
+            failure.log
+        );
+        assert!(
+            error_lines[0].ends_with(expected),
+            "got: {}\nwanted the line to end with: {expected}",
+            error_lines[0]
+        );
+        // With a static config a refused plugin stops Envoy from starting.
+        assert!(
+            failure.status.is_some_and(|s| !s.success()),
+            "{:?}",
+            failure.status
+        );
+    }
+}
+
+#[test]
+fn a_hundred_thousand_keys_leave_memory_flat() {
+    let (envoy, _upstream) = envoy_with(
+        r#"{"max_keys": 1000, "rules": [{"name": "per-client", "key": [{"header": "x-client"}], "limit": {"requests": 1, "per": "1h"}}]}"#,
+    );
+    let send = |from: usize, to: usize| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let port = envoy.port();
+                std::thread::spawn(move || {
+                    let mut c = Client::new(port);
+                    for i in (from + t..to).step_by(8) {
+                        let key = format!("client-{i}");
+                        let r = c.get("/", &[("x-client", &key)]).unwrap();
+                        assert!(r.status == 200 || r.status == 429);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    };
+    send(0, 20_000);
+    let warm = envoy.rss_kib();
+    send(20_000, 100_000);
+    let after = envoy.rss_kib();
+    let overflow = envoy
+        .metric("mesh_ratelimit_overflow_total", &[("rule", "per-client")])
+        .unwrap();
+    eprintln!("envoy RSS after 20k keys: {warm} KiB, after 100k keys: {after} KiB; overflowed: {overflow}");
+    // One entry per key would be ~80k more shared-data entries (tens of MB with
+    // Envoy's map overhead); the fixed table adds nothing.
+    assert!(
+        after < warm + 8 * 1024,
+        "RSS grew from {warm} KiB to {after} KiB"
+    );
+    // The table holds 1000 keys; nearly all later keys found it full.
+    assert!(overflow > 90_000.0, "{overflow}");
+}

@@ -1,0 +1,210 @@
+//! Building the filters to `dist/<filter>.wasm`.
+//!
+//! Two toolchains, chosen at run time:
+//! - rustup's `wasm32-unknown-unknown` target (installed here with a time
+//!   limit if missing: `rustup target add` has been seen to hang);
+//! - otherwise Debian's `rustc-web` with its standard-library source and
+//!   `-Zbuild-std`, linked by rustup's `rust-lld` (packages installed when
+//!   running as root). `MESH_WASM_TOOLCHAIN=debian` forces this one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{cargo, run};
+
+pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+const TARGET: &str = "wasm32-unknown-unknown";
+const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
+
+pub enum Toolchain {
+    Rustup,
+    Debian,
+}
+
+/// Builds every filter; returns the toolchain used.
+pub fn build_all() -> Result<Toolchain, String> {
+    let root = mesh_testkit::repo_root();
+    let toolchain = pick_toolchain()?;
+    let packages: Vec<String> = FILTERS
+        .iter()
+        .flat_map(|f| ["-p".to_string(), f.to_string()])
+        .collect();
+    let target_dir = match toolchain {
+        Toolchain::Rustup => {
+            println!("==> building filters with rustup's {TARGET} target");
+            run(cargo()
+                .current_dir(&root)
+                .args(["build", "--release", "--target", TARGET])
+                .args(&packages))?;
+            root.join("target")
+        }
+        Toolchain::Debian => {
+            println!("==> building filters with Debian's rustc-web and -Zbuild-std");
+            let dir = root.join("target/debian-wasm");
+            debian_cargo(&root)?
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    TARGET,
+                    "-Zbuild-std=std,panic_abort",
+                ])
+                .arg("--target-dir")
+                .arg(&dir)
+                .args(&packages)
+                .status()
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    if s.success() {
+                        Ok(())
+                    } else {
+                        Err(format!("Debian wasm build failed ({s})"))
+                    }
+                })?;
+            dir
+        }
+    };
+    let dist = mesh_testkit::dist_dir();
+    std::fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
+    for filter in FILTERS {
+        let built = target_dir
+            .join(TARGET)
+            .join("release")
+            .join(format!("{}.wasm", filter.replace('-', "_")));
+        let out = dist.join(format!("{filter}.wasm"));
+        std::fs::copy(&built, &out)
+            .map_err(|e| format!("{} -> {}: {e}", built.display(), out.display()))?;
+        let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "    {:<40} {:>7.1} KiB",
+            out.display(),
+            size as f64 / 1024.0
+        );
+    }
+    Ok(toolchain)
+}
+
+/// Lints the wasm-only adapter code too (it is not compiled for the host).
+pub fn clippy_wasm(toolchain: &Toolchain) -> Result<(), String> {
+    match toolchain {
+        Toolchain::Rustup => {
+            let packages: Vec<String> = FILTERS
+                .iter()
+                .flat_map(|f| ["-p".to_string(), f.to_string()])
+                .collect();
+            run(cargo()
+                .args(["clippy", "--quiet", "--release", "--target", TARGET])
+                .args(&packages)
+                .args(["--", "-D", "warnings"]))
+        }
+        Toolchain::Debian => {
+            println!("    (skipped: Debian's rustc-web ships no clippy; the host lint still ran)");
+            Ok(())
+        }
+    }
+}
+
+fn pick_toolchain() -> Result<Toolchain, String> {
+    if std::env::var("MESH_WASM_TOOLCHAIN").is_ok_and(|v| v == "debian") {
+        return ensure_debian().map(|_| Toolchain::Debian);
+    }
+    if rustup_has_target() {
+        return Ok(Toolchain::Rustup);
+    }
+    println!("==> rustup target add {TARGET} (2 minutes at most)");
+    let added = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .spawn()
+        .ok()
+        .and_then(|mut child| wait_with_timeout(&mut child, Duration::from_secs(120)));
+    if added == Some(true) && rustup_has_target() {
+        return Ok(Toolchain::Rustup);
+    }
+    println!("    rustup could not add the target; falling back to Debian's rustc-web");
+    ensure_debian().map(|_| Toolchain::Debian)
+}
+
+fn rustup_has_target() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == TARGET)
+        })
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status.success()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn debian_ready() -> bool {
+    Path::new("/usr/bin/rustc").is_file()
+        && Path::new("/usr/bin/cargo").is_file()
+        && Command::new("dpkg")
+            .args(["-s", "rust-web-src"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_debian() -> Result<(), String> {
+    if debian_ready() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "no wasm toolchain: rustup cannot add {TARGET} and the Debian packages are missing; \
+             run as root or `sudo apt-get install -y --no-install-recommends {}`",
+            DEBIAN_PACKAGES.join(" ")
+        ));
+    }
+    println!("==> apt-get install {}", DEBIAN_PACKAGES.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(DEBIAN_PACKAGES)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Debian's cargo set up as TOOLCHAIN.md describes: its rustc, with rustup's
+/// `rust-lld` on PATH (Debian's rustc has no wasm linker of its own).
+fn debian_cargo(root: &Path) -> Result<Command, String> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("rustc --print sysroot: {e}"))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let lld_dir = sysroot.join("lib/rustlib/x86_64-unknown-linux-gnu/bin");
+    let path = std::env::join_paths(std::iter::once(lld_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(root)
+        .env("PATH", path)
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    Ok(cmd)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
