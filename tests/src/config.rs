@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 /// The `stats_tags` every config gets, so the filters' stats come out of
 /// `/stats/prometheus` with labels. `envoy/*.yaml` carry the same list (a test
-/// checks that).
-pub const STAT_TAGS: &[&str] = &["rule", "decision"];
+/// checks that). One line per filter; add your filter's tags to its line.
+pub const STAT_TAGS: &[&str] = &[
+    "rule", "decision", // ratelimit
+];
 
 /// A JSON string literal.
 pub fn json_string(s: &str) -> String {
@@ -103,6 +105,7 @@ impl WasmFilter {
 /// A bootstrap with one listener named `main`.
 #[derive(Debug, Clone, Default)]
 pub struct Bootstrap {
+    extra_tags: Vec<String>,
     filters: Vec<String>,
     routes: Vec<String>,
     clusters: Vec<String>,
@@ -111,6 +114,12 @@ pub struct Bootstrap {
 impl Bootstrap {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// More `stats_tags` (e.g. a metrics filter's custom label names).
+    pub fn stat_tags(mut self, tags: &[&str]) -> Self {
+        self.extra_tags.extend(tags.iter().map(|t| t.to_string()));
+        self
     }
 
     pub fn wasm(mut self, filter: WasmFilter) -> Self {
@@ -172,6 +181,8 @@ impl Bootstrap {
     pub fn yaml(&self) -> String {
         let tags: Vec<String> = STAT_TAGS
             .iter()
+            .copied()
+            .chain(self.extra_tags.iter().map(String::as_str))
             .map(|t| {
                 format!(
                     r#"{{"tag_name": "{t}", "regex": {}}}"#,
