@@ -8,7 +8,19 @@ use std::path::PathBuf;
 /// `/stats/prometheus` with labels. `envoy/*.yaml` carry the same list (a test
 /// checks that). One line per filter; add your filter's tags to its line.
 pub const STAT_TAGS: &[&str] = &[
-    "rule", "decision", // ratelimit
+    // ratelimit
+    "rule",
+    "decision",
+    // circuit-breaker (and "rule")
+    "outcome",
+    // lb-hints (and "rule")
+    "target",
+    // metrics
+    "route",
+    "method",
+    "response_code",
+    "response_code_class",
+    "cluster",
 ];
 
 /// A JSON string literal.
