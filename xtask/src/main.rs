@@ -3,10 +3,14 @@
 //!   build   build every filter to dist/<filter>.wasm (size-optimised)
 //!   test    build, install Envoy if needed, then lint and run the whole test suite
 //!   demo    build, start Envoy with all filters in front of two upstreams, show them work
+//!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
+//!   push    push the filters as OCI images (README "OCI images")
 //!   envoy   print the path of the Envoy binary the tests use (installing it if needed)
 
+mod bench;
 mod build;
 mod demo;
+mod oci;
 
 use std::process::{Command, ExitCode};
 
@@ -16,8 +20,10 @@ fn main() -> ExitCode {
         Some("build") => build::build_all().map(|_| ()),
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
+        Some("bench") => bench::run(&args[1..]),
+        Some("push") => oci::run(&args[1..]),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
-        _ => Err("usage: cargo xtask build | test | demo | envoy".to_string()),
+        _ => Err("usage: cargo xtask build | test | demo | bench | push | envoy".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,4 @@
+//! Not written yet.
+pub fn run(_args: &[String]) -> Result<(), String> {
+    Err("not written yet".into())
+}
