@@ -92,6 +92,21 @@ pub struct Envoy {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh temporary folder for one Envoy's config, log and admin address.
+fn work_dir() -> Result<PathBuf, StartFailure> {
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-envoy-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| StartFailure {
+        status: None,
+        log: e.to_string(),
+    })?;
+    Ok(dir)
+}
+
 impl Envoy {
     /// Starts Envoy with `--concurrency 2` and waits until it is ready.
     /// Panics (with Envoy's log) if it does not start.
@@ -102,27 +117,28 @@ impl Envoy {
 
     /// Starts Envoy; `Err` carries the exit status and log if it refused to start.
     pub fn start_with(config_yaml: &str, concurrency: u32) -> Result<Envoy, StartFailure> {
-        let bin = envoy_binary().map_err(|e| StartFailure {
-            status: None,
-            log: e,
-        })?;
-        let dir = std::env::temp_dir().join(format!(
-            "mesh-envoy-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(|e| StartFailure {
-            status: None,
-            log: e.to_string(),
-        })?;
+        let dir = work_dir()?;
         let config = dir.join("envoy.yaml");
-        let admin_file = dir.join("admin-address");
-        let log_file = dir.join("envoy.log");
         fs::write(&config, config_yaml).map_err(|e| StartFailure {
             status: None,
             log: e.to_string(),
         })?;
+        Self::launch(dir, &config, concurrency)
+    }
+
+    /// Starts Envoy with a configuration file as users would, from the
+    /// repository root (so relative paths such as `dist/ratelimit.wasm` work).
+    pub fn start_file(config: &Path, concurrency: u32) -> Result<Envoy, StartFailure> {
+        Self::launch(work_dir()?, config, concurrency)
+    }
+
+    fn launch(dir: PathBuf, config: &Path, concurrency: u32) -> Result<Envoy, StartFailure> {
+        let bin = envoy_binary().map_err(|e| StartFailure {
+            status: None,
+            log: e,
+        })?;
+        let admin_file = dir.join("admin-address");
+        let log_file = dir.join("envoy.log");
         let log = fs::File::create(&log_file).map_err(|e| StartFailure {
             status: None,
             log: e.to_string(),
@@ -132,8 +148,9 @@ impl Envoy {
             log: e.to_string(),
         })?;
         let child = Command::new(&bin)
+            .current_dir(crate::repo_root())
             .arg("-c")
-            .arg(&config)
+            .arg(config)
             .args(["--concurrency", &concurrency.to_string()])
             .arg("--use-dynamic-base-id")
             .arg("--admin-address-path")
@@ -368,6 +385,7 @@ fn split_labels(s: &str) -> Vec<String> {
 pub fn validate(config: &Path) -> io::Result<(bool, String)> {
     let bin = envoy_binary().map_err(io::Error::other)?;
     let out = Command::new(bin)
+        .current_dir(crate::repo_root())
         .args(["--mode", "validate", "-c"])
         .arg(config)
         .arg("--use-dynamic-base-id")

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build") => build::build_all().map(|_| ()),
         Some("test") => test(&args[1..]),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("push") => oci::run(&args[1..]),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
