@@ -1,6 +1,6 @@
 //! Project tasks: `cargo xtask <task>`.
 //!
-//!   build   build every filter to dist/<filter>.wasm (size-optimised)
+//!   build   build every filter (or the ones named) to dist/<filter>.wasm, size-optimised
 //!   test    build, install Envoy if needed, then lint and run the whole test suite
 //!   demo    build, start Envoy with all filters in front of two upstreams, show them work
 //!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
@@ -17,6 +17,10 @@ use std::process::{Command, ExitCode};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("build") if args.len() > 1 => {
+            let filters: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+            build::build(&filters).map(|_| ())
+        }
         Some("build") => build::build_all().map(|_| ()),
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(&args[1..]),

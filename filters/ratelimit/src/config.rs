@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mesh_shared::config::{parse_document, ConfigError, Node};
-use mesh_shared::hash::hash64;
+use mesh_shared::hash::KeyHasher;
 use mesh_shared::{Matcher, Source};
 
 use crate::gcra::Gcra;
@@ -201,10 +201,9 @@ fn parse_rule(
     let max_keys = if key.is_empty() { 1 } else { max_keys };
     // Buckets are keyed by everything that gives their numbers meaning, so a
     // changed limit starts from fresh buckets instead of misreading old ones.
-    let identity = format!("{name}|{key:?}|{gcra:?}|{max_keys}");
     let prefix = format!(
         "mesh.rl.{scope}.{index}.{:016x}.",
-        hash64(&[identity.as_bytes()])
+        identity(&name, &key, &gcra, max_keys)
     );
     Ok(Rule {
         name,
@@ -216,6 +215,26 @@ fn parse_rule(
         shadow,
         table: KeyTable::new(prefix, max_keys),
     })
+}
+
+/// A hash of everything that gives a rule's buckets their meaning.
+fn identity(name: &str, key: &[Source], gcra: &Gcra, max_keys: u64) -> u64 {
+    let mut h = KeyHasher::new();
+    h.part(name.as_bytes());
+    for part in key {
+        let (kind, value) = match part {
+            Source::Header(n) => ("header", n.as_str()),
+            Source::Cookie(n) => ("cookie", n.as_str()),
+            Source::Static(v) => ("static", v.as_str()),
+            Source::Attribute(a) => ("attribute", a.name()),
+        };
+        h.part(kind.as_bytes());
+        h.part(value.as_bytes());
+    }
+    h.part(&gcra.emission().to_le_bytes());
+    h.part(&gcra.tolerance().to_le_bytes());
+    h.part(&max_keys.to_le_bytes());
+    h.finish()
 }
 
 fn parse_limit(node: &Node<'_>) -> Result<Limit, ConfigError> {

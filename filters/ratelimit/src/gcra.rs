@@ -53,6 +53,10 @@ impl Gcra {
         self.emission
     }
 
+    pub fn tolerance(&self) -> u64 {
+        self.tolerance
+    }
+
     /// Decides for a request at `now` given the stored TAT (`None`: never seen).
     pub fn decide(&self, stored_tat: Option<u64>, now: u64) -> Decision {
         let tat = stored_tat.unwrap_or(now).max(now);

@@ -79,9 +79,11 @@ impl<'a> Node<'a> {
     fn expected(&self, what: &str) -> ConfigError {
         let got = match self.value {
             Value::String(s) => format!("\"{s}\""),
+            // Formatting an f64 would pull ~15 KB of float printing into every
+            // .wasm; an error message does not need the exact decimal.
             Value::Number(n) => match n.int {
                 Some(i) => i.to_string(),
-                None => n.float.to_string(),
+                None => "a decimal number".to_string(),
             },
             Value::Bool(b) => b.to_string(),
             other => other.kind().to_string(),
@@ -163,7 +165,8 @@ impl<'a> Node<'a> {
     pub fn number_in(&self, min: f64, max: f64) -> Result<f64, ConfigError> {
         match self.value {
             Value::Number(n) if n.float >= min && n.float <= max => Ok(n.float),
-            _ => Err(self.expected(&format!("a number from {min} to {max}"))),
+            // Bounds are whole numbers in every use; see `expected` on f64 printing.
+            _ => Err(self.expected(&format!("a number from {} to {}", min as i64, max as i64))),
         }
     }
 

@@ -35,6 +35,18 @@ impl Attribute {
         self as usize
     }
 
+    /// The configuration name (`"client_ip"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Attribute::Path => "path",
+            Attribute::Method => "method",
+            Attribute::Host => "host",
+            Attribute::Route => "route",
+            Attribute::Cluster => "cluster",
+            Attribute::ClientIp => "client_ip",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Attribute> {
         Some(match name {
             "path" => Attribute::Path,
