@@ -1,1 +1,273 @@
-//! Not built yet: see the project's issues.
+//! mesh-filters circuit-breaker: closed / open / half-open breakers per route,
+//! upstream cluster or header value, with Resilience4j semantics, shared by
+//! all Envoy workers.
+//!
+//! The policy core ([`CircuitBreaker::check`], [`CircuitBreaker::finish`]) is
+//! plain Rust: it sees the request through [`mesh_shared::Request`], the
+//! shared store through [`mesh_shared::SharedStore`] and time as a number, so
+//! it is tested natively. `filter.rs` is the thin proxy-wasm adapter (wasm32 only).
+
+pub mod breaker;
+pub mod config;
+pub mod table;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
+
+use mesh_shared::circuit::{self, CircuitState, CircuitStatus};
+use mesh_shared::hash::hash64;
+use mesh_shared::{Request, SharedStore};
+
+pub use breaker::{Admit, Outcome, Transition};
+pub use config::{Config, Policy, Rule, Scope};
+pub use table::{Slot, Summary};
+
+/// A call let through to the upstream; its outcome must be reported with [`CircuitBreaker::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub rule: usize,
+    pub slot: Slot,
+    pub key: u64,
+    pub generation: u32,
+    /// A half-open probe.
+    pub probe: bool,
+    /// When the request started (clock nanoseconds).
+    pub started: u64,
+    /// The cluster of a `scope: "cluster"` breaker (its status is published).
+    pub cluster: Option<String>,
+}
+
+/// A state change to report: stats, the rule's summary, the published cluster status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub rule: usize,
+    pub transition: Option<Transition>,
+    /// The state of a breaker whose slot was given to another key.
+    pub evicted: Option<CircuitState>,
+    pub cluster: Option<String>,
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.transition.is_none() && self.evicted.is_none()
+    }
+}
+
+/// What the filter must do with one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rule applies.
+    NoRule,
+    /// Let it through and report the outcome.
+    Pass { call: Call, change: Option<Change> },
+    /// Answer locally.
+    Reject {
+        rule: usize,
+        state: CircuitState,
+        retry_after_secs: u64,
+        change: Option<Change>,
+    },
+    /// Shared data stayed contended past the retry budget: let it through untracked.
+    FailedOpen { rule: usize },
+}
+
+impl Verdict {
+    pub fn change(&self) -> Option<&Change> {
+        match self {
+            Verdict::Pass { change, .. } | Verdict::Reject { change, .. } => change.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// How the response looked to the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response<'a> {
+    /// `response.code`, if any.
+    pub code: Option<u32>,
+    /// `response.code_details` (`via_upstream` when the upstream answered).
+    pub details: Option<&'a [u8]>,
+    /// From request start to response headers; `None` if none came.
+    pub duration_nanos: Option<u64>,
+}
+
+/// The compiled configuration and the decision procedures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    pub config: Config,
+}
+
+impl CircuitBreaker {
+    pub fn new(config: Config) -> Self {
+        CircuitBreaker { config }
+    }
+
+    /// Creates every rule's breaker table (configure time).
+    pub fn create_tables(&self, store: &dyn SharedStore, now: u64) {
+        for rule in &self.config.rules {
+            rule.table.create(store, now);
+        }
+    }
+
+    /// Decides for one request: the first rule whose match holds and whose
+    /// scope value is present applies.
+    pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Verdict {
+        for (index, rule) in self.config.rules.iter().enumerate() {
+            if !rule.matcher.matches(req) {
+                continue;
+            }
+            let source = rule.scope.source();
+            let Some(value) = source.read(req) else {
+                continue;
+            };
+            let cluster = (rule.scope == Scope::Cluster)
+                .then(|| String::from_utf8_lossy(value).into_owned());
+            let fp = hash64(&[value]);
+            let Ok(adm) = rule.table.admit(store, &rule.policy, fp, now) else {
+                return Verdict::FailedOpen { rule: index };
+            };
+            // The overflow breaker stands for many clusters: publish nothing for it.
+            let cluster = cluster.filter(|_| adm.slot != Slot::Overflow);
+            let change = Change {
+                rule: index,
+                transition: adm.transition,
+                evicted: adm.evicted,
+                cluster: cluster.clone(),
+            };
+            let change = (!change.is_empty()).then_some(change);
+            return match adm.admit {
+                Admit::Call { generation, probe } => Verdict::Pass {
+                    call: Call {
+                        rule: index,
+                        slot: adm.slot,
+                        key: adm.key,
+                        generation,
+                        probe,
+                        started: now,
+                        cluster,
+                    },
+                    change,
+                },
+                Admit::Reject {
+                    state,
+                    retry_after_nanos,
+                } => Verdict::Reject {
+                    rule: index,
+                    state,
+                    retry_after_secs: retry_after_nanos.div_ceil(1_000_000_000).max(1),
+                    change,
+                },
+            };
+        }
+        Verdict::NoRule
+    }
+
+    /// What a finished call was, per the rule's `failure_when` and `slow_call`.
+    pub fn classify(&self, call: &Call, response: Response<'_>) -> Outcome {
+        let Some(rule) = self.config.rules.get(call.rule) else {
+            return Outcome::Ignored;
+        };
+        let policy = &rule.policy;
+        let slow = match (policy.slow_call, response.duration_nanos) {
+            (Some(s), Some(d)) => d >= s.duration_nanos,
+            _ => false,
+        };
+        let from_upstream = match response.details {
+            Some(details) => details == b"via_upstream",
+            // Without details, a status is taken as the upstream's.
+            None => response.code.is_some(),
+        };
+        if let (true, Some(code), Some(_)) = (from_upstream, response.code, response.duration_nanos)
+        {
+            return if policy.failure_when.is_failure_status(code) {
+                Outcome::Failure { slow }
+            } else if slow {
+                Outcome::Slow
+            } else {
+                Outcome::Success
+            };
+        }
+        // No upstream status: Envoy answered itself, or nothing was answered.
+        let upstream_trouble = match response.details {
+            Some(d) => d.starts_with(b"upstream_") || d == b"no_healthy_upstream",
+            None => true,
+        };
+        if upstream_trouble && policy.failure_when.reset {
+            Outcome::Failure { slow }
+        } else {
+            Outcome::Ignored
+        }
+    }
+
+    /// Records the outcome of `call`; returns the state change it caused.
+    pub fn finish(
+        &self,
+        store: &dyn SharedStore,
+        call: &Call,
+        outcome: Outcome,
+        now: u64,
+    ) -> Option<Change> {
+        let rule = self.config.rules.get(call.rule)?;
+        let transition = rule
+            .table
+            .record(
+                store,
+                &rule.policy,
+                call.slot,
+                call.key,
+                call.generation,
+                outcome,
+                now,
+            )
+            .ok()??;
+        Some(Change {
+            rule: call.rule,
+            transition: Some(transition),
+            evicted: None,
+            cluster: call.cluster.clone(),
+        })
+    }
+
+    /// Books a change in the rule's summary and publishes a cluster breaker's
+    /// new status; returns the rule's summary (for the state gauge).
+    pub fn apply(&self, store: &dyn SharedStore, change: &Change) -> Option<Summary> {
+        let rule = self.config.rules.get(change.rule)?;
+        let mut summary = None;
+        if let Some(old) = change.evicted {
+            summary = rule.table.note(store, old, CircuitState::Closed).ok();
+        }
+        if let Some(t) = change.transition {
+            summary = rule.table.note(store, t.from(), t.to()).ok();
+            if let Some(cluster) = &change.cluster {
+                let open_until = match t {
+                    Transition::Opened { until, .. } => until,
+                    _ => 0,
+                };
+                circuit::publish(
+                    store,
+                    cluster,
+                    CircuitStatus {
+                        state: t.to(),
+                        open_until,
+                    },
+                );
+            }
+        }
+        summary
+    }
+
+    /// The local answer's headers for a rejection.
+    pub fn reject_headers(state: CircuitState, retry_after_secs: u64) -> [(&'static str, String); 2] {
+        let state = match state {
+            CircuitState::HalfOpen => "half-open",
+            _ => "open",
+        };
+        [
+            ("retry-after", retry_after_secs.to_string()),
+            ("x-mesh-circuit", state.to_string()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests;
