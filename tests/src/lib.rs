@@ -16,6 +16,7 @@
 //! the test fails; Envoy's log is printed then.
 
 pub mod config;
+pub mod debian;
 pub mod demo;
 pub mod envoy;
 pub mod http;
