@@ -1,0 +1,467 @@
+//! The lb-hints configuration (see DESIGN.md) read into a compiled [`Config`].
+
+use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::hash::hash64;
+use mesh_shared::json::Value;
+use mesh_shared::{Matcher, Source};
+
+/// Targets per rule: a target index fits a byte in the precomputed sequences.
+pub const MAX_TARGETS: usize = 64;
+/// Largest weight of one target.
+pub const MAX_WEIGHT: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub rules: Vec<Rule>,
+    /// The local answer when a rule has no target with a weight above zero.
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Matcher,
+    /// The routing header the choice is written into (lower-case).
+    pub header: String,
+    pub targets: Vec<Target>,
+    pub algorithm: Algorithm,
+    /// Where the stickiness key comes from; requests with one are hashed.
+    pub sticky: Option<Source>,
+    /// A request header that may name a target to force (any configured target).
+    pub override_header: Option<String>,
+    /// Weight schedule: `steps[i]` applies from `after_nanos` on; the first
+    /// entry is the `targets` weights at offset 0.
+    pub schedule: Vec<Step>,
+    pub avoid_open_circuits: bool,
+    pub no_target: NoTarget,
+    /// Prefix of this rule's shared-data keys.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    /// The cluster whose breaker status counts for this target.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Offset from the rule's start (configuration time), nanoseconds.
+    pub after_nanos: u64,
+    /// Weight of every target (same order as `targets`).
+    pub weights: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RoundRobin,
+    WeightedRoundRobin,
+    Random,
+    WeightedRandom,
+    LeastRequests,
+    Sticky,
+}
+
+impl Algorithm {
+    fn parse(node: &Node<'_>) -> Result<Algorithm, ConfigError> {
+        Ok(match node.str()? {
+            "round_robin" => Algorithm::RoundRobin,
+            "weighted_round_robin" => Algorithm::WeightedRoundRobin,
+            "random" => Algorithm::Random,
+            "weighted_random" => Algorithm::WeightedRandom,
+            "least_requests" => Algorithm::LeastRequests,
+            "sticky" => Algorithm::Sticky,
+            other => {
+                return Err(node.error(format!(
+                    "expected \"round_robin\", \"weighted_round_robin\", \"random\", \
+                     \"weighted_random\", \"least_requests\" or \"sticky\", got \"{other}\""
+                )))
+            }
+        })
+    }
+
+    /// Whether the algorithm claims a position from the shared sequence counter.
+    pub fn uses_sequence(self) -> bool {
+        matches!(self, Algorithm::RoundRobin | Algorithm::WeightedRoundRobin)
+    }
+}
+
+/// What happens when no target has a weight above zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTarget {
+    /// Answer locally with the configured `response`.
+    Reject,
+    /// Remove the routing header and let the route table decide.
+    Pass,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u32,
+    pub body: String,
+}
+
+impl Config {
+    /// Parses the plugin configuration. `scope` names this filter instance in
+    /// shared-data keys (the Envoy plugin name).
+    pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
+        let doc = parse_document(bytes)?;
+        let root = Node::root(&doc);
+        let mut f = root.object()?;
+        let response = match f.optional("response") {
+            Some(n) => parse_response(&n)?,
+            None => Response {
+                status: 503,
+                body: "no target available\n".into(),
+            },
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        if let Some(n) = f.optional("rules") {
+            for (index, item) in n.list()?.iter().enumerate() {
+                let rule = parse_rule(item, index, scope)?;
+                if rules.iter().any(|r| r.name == rule.name) {
+                    return Err(ConfigError {
+                        path: format!("{}.name", item.path()),
+                        message: format!("duplicate rule name \"{}\"", rule.name),
+                    });
+                }
+                rules.push(rule);
+            }
+        }
+        f.finish()?;
+        Ok(Config { rules, response })
+    }
+}
+
+fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
+    let mut f = node.object()?;
+    let status = match f.optional("status") {
+        Some(n) => n.status()?,
+        None => 503,
+    };
+    let body = match f.optional("body") {
+        Some(n) => n.str()?.to_string(),
+        None => "no target available\n".to_string(),
+    };
+    f.finish()?;
+    Ok(Response { status, body })
+}
+
+/// Rule and target names appear in stats and headers: a safe alphabet only.
+fn safe_name(node: &Node<'_>) -> Result<String, ConfigError> {
+    let name = node.name()?;
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !ok {
+        return Err(node.error(format!(
+            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+fn weight(node: &Node<'_>) -> Result<u32, ConfigError> {
+    node.int_in(0, MAX_WEIGHT as i64).map(|w| w as u32)
+}
+
+fn parse_rule(node: &Node<'_>, index: usize, scope: &str) -> Result<Rule, ConfigError> {
+    let mut f = node.object()?;
+    let name = safe_name(&f.required("name")?)?;
+    let matcher = Matcher::parse(f.optional("match").as_ref())?;
+    let header = match f.optional("header") {
+        Some(n) => n.header_name()?,
+        None => "x-mesh-target".to_string(),
+    };
+    let targets_node = f.required("targets")?;
+    let mut targets: Vec<Target> = Vec::new();
+    let mut weights = Vec::new();
+    let items = targets_node.list()?;
+    if items.is_empty() {
+        return Err(targets_node.error("must not be an empty list"));
+    }
+    if items.len() > MAX_TARGETS {
+        return Err(targets_node.error(format!("at most {MAX_TARGETS} targets")));
+    }
+    for item in &items {
+        let mut t = item.object()?;
+        let name_node = t.required("name")?;
+        let target_name = safe_name(&name_node)?;
+        if targets.iter().any(|x| x.name == target_name) {
+            return Err(name_node.error(format!("duplicate target \"{target_name}\"")));
+        }
+        let w = match t.optional("weight") {
+            Some(n) => weight(&n)?,
+            None => 1,
+        };
+        let cluster = match t.optional("cluster") {
+            Some(n) => n.name()?.to_string(),
+            None => target_name.clone(),
+        };
+        t.finish()?;
+        targets.push(Target {
+            name: target_name,
+            cluster,
+        });
+        weights.push(w);
+    }
+    let algorithm_node = f.optional("algorithm");
+    let algorithm = match &algorithm_node {
+        Some(n) => Algorithm::parse(n)?,
+        None => Algorithm::WeightedRoundRobin,
+    };
+    let sticky = match f.optional("sticky") {
+        Some(n) => {
+            let source = Source::parse(&n)?;
+            if matches!(source, Source::Static(_)) {
+                return Err(n.error("a static value cannot tell users apart"));
+            }
+            Some(source)
+        }
+        None => None,
+    };
+    if algorithm == Algorithm::Sticky && sticky.is_none() {
+        return Err(ConfigError {
+            path: algorithm_node
+                .map(|n| n.path().to_string())
+                .unwrap_or_default(),
+            message:
+                "\"sticky\" needs the rule's \"sticky\" field (e.g. {\"header\": \"x-user-id\"})"
+                    .into(),
+        });
+    }
+    let override_header = match f.optional("override") {
+        Some(n) => {
+            let mut o = n.object()?;
+            let h = o.required("header")?.header_name()?;
+            o.finish()?;
+            Some(h)
+        }
+        None => None,
+    };
+    let mut schedule = vec![Step {
+        after_nanos: 0,
+        weights,
+    }];
+    if let Some(n) = f.optional("steps") {
+        for item in n.list()? {
+            let mut s = item.object()?;
+            let after_node = s.required("after")?;
+            let after = after_node.duration()?;
+            let after_nanos = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+            let previous = schedule.last().cloned().unwrap_or(Step {
+                after_nanos: 0,
+                weights: Vec::new(),
+            });
+            if after_nanos < previous.after_nanos {
+                return Err(after_node.error("steps must be in order of \"after\""));
+            }
+            // Targets a step does not name keep their previous weight.
+            let mut weights = previous.weights;
+            for (target_name, w) in s.required("weights")?.object()?.entries() {
+                let Some(i) = targets.iter().position(|t| t.name == target_name) else {
+                    return Err(w.error(format!("\"{target_name}\" is not one of the targets")));
+                };
+                if let Some(slot) = weights.get_mut(i) {
+                    *slot = weight(&w)?;
+                }
+            }
+            s.finish()?;
+            if after_nanos == 0 {
+                // A step at 0s replaces the initial weights.
+                schedule.retain(|st| st.after_nanos != 0);
+            }
+            schedule.push(Step {
+                after_nanos,
+                weights,
+            });
+        }
+    }
+    let avoid_open_circuits = match f.optional("avoid_open_circuits") {
+        Some(n) => n.bool()?,
+        None => false,
+    };
+    let no_target = match f.optional("no_target") {
+        None => NoTarget::Reject,
+        Some(n) => match n.value() {
+            Value::String(s) if s == "reject" => NoTarget::Reject,
+            Value::String(s) if s == "pass" => NoTarget::Pass,
+            _ => return Err(n.error("expected \"reject\" or \"pass\"")),
+        },
+    };
+    f.finish()?;
+
+    // Shared counters are keyed by what gives them meaning, so a changed rule
+    // starts fresh (and restarts its step schedule) instead of misreading old ones.
+    let mut identity = vec![name.clone(), (algorithm as u8).to_string()];
+    for t in &targets {
+        identity.push(format!("{}={}", t.name, t.cluster));
+    }
+    for s in &schedule {
+        let weights: Vec<String> = s.weights.iter().map(u32::to_string).collect();
+        identity.push(format!("{}:{}", s.after_nanos, weights.join(",")));
+    }
+    let parts: Vec<&[u8]> = identity.iter().map(|p| p.as_bytes()).collect();
+    let key_prefix = format!("mesh.lb.{scope}.{index}.{:016x}.", hash64(&parts));
+    Ok(Rule {
+        name,
+        matcher,
+        header,
+        targets,
+        algorithm,
+        sticky,
+        override_header,
+        schedule,
+        avoid_open_circuits,
+        no_target,
+        key_prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text.as_bytes(), "lb")
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = parse(
+            r#"{"rules": [{
+                "name": "reviews-canary",
+                "match": { "route": "reviews" },
+                "header": "x-mesh-target",
+                "targets": [ { "name": "v1", "weight": 90 }, { "name": "v2", "weight": 10, "cluster": "reviews-v2" } ],
+                "algorithm": "weighted_round_robin",
+                "sticky": { "header": "x-user-id" },
+                "override": { "header": "x-mesh-force-target" },
+                "steps": [ { "after": "0s", "weights": { "v2": 10 } },
+                           { "after": "10m", "weights": { "v2": 50 } } ],
+                "avoid_open_circuits": true
+            }]}"#,
+        )
+        .unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.header, "x-mesh-target");
+        assert_eq!(r.targets[1].cluster, "reviews-v2");
+        assert_eq!(r.targets[0].cluster, "v1");
+        assert_eq!(
+            r.schedule,
+            vec![
+                Step {
+                    after_nanos: 0,
+                    weights: vec![90, 10]
+                },
+                Step {
+                    after_nanos: 600_000_000_000,
+                    weights: vec![90, 50]
+                },
+            ]
+        );
+        assert_eq!(r.override_header.as_deref(), Some("x-mesh-force-target"));
+        assert!(r.avoid_open_circuits);
+        assert_eq!(c.response.status, 503);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let base = |rule: &str| format!(r#"{{"rules": [{rule}]}}"#);
+        assert_eq!(
+            error(&base(
+                r#"{"name": "a", "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": -1}]}"#
+            )),
+            "rules[0].targets[1].weight: expected an integer from 0 to 10000, got -1"
+        );
+        assert_eq!(
+            error(&base(r#"{"name": "a", "targets": []}"#)),
+            "rules[0].targets: must not be an empty list"
+        );
+        assert_eq!(
+            error(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "algorithm": "fastest"}"#
+            )),
+            "rules[0].algorithm: expected \"round_robin\", \"weighted_round_robin\", \"random\", \
+             \"weighted_random\", \"least_requests\" or \"sticky\", got \"fastest\""
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "algorithm": "sticky"}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].algorithm"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "steps": [{"after": "1m", "weights": {"v3": 1}}]}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].steps[0].weights.v3"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "steps": [{"after": "2m", "weights": {}}, {"after": "1m", "weights": {}}]}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].steps[1].after"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}, {"name": "v1"}]}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].targets[1].name"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1", "wieght": 3}]}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].targets[0].wieght"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "sticky": {"static": "x"}}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].sticky"
+        );
+        assert_eq!(
+            parse(&base(
+                r#"{"name": "a", "targets": [{"name": "v1"}], "no_target": "drop"}"#
+            ))
+            .unwrap_err()
+            .path,
+            "rules[0].no_target"
+        );
+        assert_eq!(
+            parse(&base(r#"{"name": "a", "targets": [{"name": "v 1"}]}"#))
+                .unwrap_err()
+                .path,
+            "rules[0].targets[0].name"
+        );
+    }
+
+    #[test]
+    fn a_changed_rule_gets_fresh_keys() {
+        let a = parse(r#"{"rules": [{"name": "a", "targets": [{"name": "v1", "weight": 9}]}]}"#)
+            .unwrap();
+        let b = parse(r#"{"rules": [{"name": "a", "targets": [{"name": "v1", "weight": 8}]}]}"#)
+            .unwrap();
+        assert_ne!(a.rules[0].key_prefix, b.rules[0].key_prefix);
+        assert!(a.rules[0].key_prefix.starts_with("mesh.lb.lb.0."));
+    }
+}

@@ -1,0 +1,219 @@
+//! The proxy-wasm adapter: the root context compiles the configuration once,
+//! the http context asks the core for a target and writes it into the
+//! routing header, then makes Envoy pick the route again.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use mesh_shared::clock::Clock;
+use mesh_shared::hash::hash64;
+use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
+use mesh_shared::stats::stat_name;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+
+use crate::{Balancer, Config, NoTarget, Pick};
+
+const FILTER: &str = "lb-hints";
+
+proxy_wasm::main! {{
+    host::install_panic_hook(FILTER);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, state: None })
+    });
+}}
+
+/// Stat ids of one rule, defined once at configure time.
+struct RuleStats {
+    /// `mesh_lb_picks_total{rule, target}`, one per target.
+    picks: Vec<Metric>,
+    /// `mesh_lb_no_target_total{rule}`.
+    no_target: Metric,
+}
+
+struct State {
+    balancer: Balancer,
+    stats: Vec<RuleStats>,
+    /// This worker's random stream (splitmix64 state).
+    random: Cell<u64>,
+}
+
+impl State {
+    fn next_random(&self) -> u64 {
+        let s = self.random.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.random.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+struct Root {
+    context_id: u32,
+    state: Option<Rc<State>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let scope = host::property(&["plugin_name"])
+            .and_then(|n| String::from_utf8(n).ok())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| FILTER.to_string());
+        let config = match Config::parse(&host::plugin_configuration(), &scope) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("{FILTER}: {e}"));
+                return false;
+            }
+        };
+        let now = HostClock.now_nanos();
+        let mut balancer = Balancer::new(config);
+        balancer.setup(&HostStore, now);
+        let stats = balancer
+            .config
+            .rules
+            .iter()
+            .map(|r| RuleStats {
+                picks: r
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        Metric::counter(&stat_name(
+                            "mesh_lb_picks_total",
+                            &[("rule", &r.name), ("target", &t.name)],
+                        ))
+                    })
+                    .collect(),
+                no_target: Metric::counter(&stat_name(
+                    "mesh_lb_no_target_total",
+                    &[("rule", &r.name)],
+                )),
+            })
+            .collect();
+        host::log(
+            LogLevel::Info,
+            &format!(
+                "{FILTER}: configured {} rule(s)",
+                balancer.config.rules.len()
+            ),
+        );
+        // Workers configure at nearly the same instant: mix in the context id
+        // so their random streams differ.
+        let seed = hash64(&[&now.to_le_bytes(), &self.context_id.to_le_bytes()]);
+        self.state = Some(Rc::new(State {
+            balancer,
+            stats,
+            random: Cell::new(seed),
+        }));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let state = Rc::clone(self.state.as_ref()?);
+        Some(Box::new(Http {
+            state,
+            in_flight: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    state: Rc<State>,
+    /// (rule, target) counted in the shared in-flight counts until the stream ends.
+    in_flight: Option<(usize, usize)>,
+}
+
+impl Http {
+    /// Counts the stream out of the in-flight counts, once, whichever of
+    /// `on_log` / `on_done` comes first (both run for completed and reset streams).
+    fn release(&mut self) {
+        if let Some((rule, target)) = self.in_flight.take() {
+            self.state.balancer.release(&HostStore, rule, target);
+        }
+    }
+}
+
+/// Sets (or with `None` removes) a request header; errors are ignored (the
+/// SDK's wrapper would panic on an unexpected status).
+fn set_request_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+}
+
+impl Context for Http {
+    fn on_done(&mut self) -> bool {
+        self.release();
+        true
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let state = Rc::clone(&self.state);
+        let balancer = &state.balancer;
+        let pick = balancer.pick(
+            &mut HostRequest::new(),
+            &HostStore,
+            HostClock.now_nanos(),
+            state.next_random(),
+        );
+        match pick {
+            Pick::NoRule => Action::Continue,
+            Pick::Target {
+                rule,
+                target,
+                counted,
+                ..
+            } => {
+                let Some(r) = balancer.config.rules.get(rule) else {
+                    return Action::Continue;
+                };
+                if counted {
+                    self.in_flight = Some((rule, target));
+                }
+                if let Some(t) = r.targets.get(target) {
+                    set_request_header(&r.header, Some(&t.name));
+                    host::clear_route_cache();
+                }
+                if let Some(m) = state.stats.get(rule).and_then(|s| s.picks.get(target)) {
+                    m.add(1);
+                }
+                Action::Continue
+            }
+            Pick::NoTarget { rule } => {
+                let Some(r) = balancer.config.rules.get(rule) else {
+                    return Action::Continue;
+                };
+                if let Some(s) = state.stats.get(rule) {
+                    s.no_target.add(1);
+                }
+                // A client-sent value must not steer either way.
+                set_request_header(&r.header, None);
+                host::clear_route_cache();
+                match r.no_target {
+                    NoTarget::Pass => Action::Continue,
+                    NoTarget::Reject => {
+                        let response = &balancer.config.response;
+                        host::send_local_reply(
+                            response.status,
+                            &[("x-mesh-lb", "no-target")],
+                            response.body.as_bytes(),
+                        );
+                        Action::Pause
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_log(&mut self) {
+        self.release();
+    }
+}
