@@ -33,7 +33,10 @@ fn filter_config_disabled_switches_the_filter_off_on_one_route() {
     assert_eq!(statuses(&mut c, "/free", 5), [200; 5]);
     assert_eq!(statuses(&mut c, "/x", 3), [200, 429, 429]);
     assert_eq!(
-        envoy.metric("mesh_ratelimit_requests_total", &[("rule", "all"), ("decision", "allowed")]),
+        envoy.metric(
+            "mesh_ratelimit_requests_total",
+            &[("rule", "all"), ("decision", "allowed")]
+        ),
         Some(1.0),
         "the disabled route's requests never reached the filter"
     );
@@ -66,6 +69,60 @@ fn filter_chain_gives_a_route_its_own_configuration() {
             .yaml(),
     );
     let mut c = Client::new(envoy.port());
-    assert_eq!(statuses(&mut c, "/gold", 5), [200, 200, 200, 429, 429], "the per-route chain's limit");
-    assert_eq!(statuses(&mut c, "/x", 3), [200, 429, 429], "the default chain's limit");
+    assert_eq!(
+        statuses(&mut c, "/gold", 5),
+        [200, 200, 200, 429, 429],
+        "the per-route chain's limit"
+    );
+    assert_eq!(
+        statuses(&mut c, "/x", 3),
+        [200, 429, 429],
+        "the default chain's limit"
+    );
+}
+
+#[test]
+fn route_metadata_selects_a_rule_or_switches_the_filter_off() {
+    let upstream = Upstream::start("backend");
+    let md = |value: &str| {
+        format!(
+            r#""metadata": {{"filter_metadata": {{"mesh-filters": {{"ratelimit": {value}}}}}}}"#
+        )
+    };
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new(
+                "ratelimit",
+                r#"{"route_metadata": true, "rules": [
+                    {"name": "strict", "limit": {"requests": 1, "per": "1h"}},
+                    {"name": "gold", "limit": {"requests": 3, "per": "1h"}}]}"#,
+            ))
+            .route_json(&format!(
+                r#"{{"name": "gold", "match": {{"prefix": "/gold"}}, "route": {{"cluster": "backend"}}, {}}}"#,
+                md(r#"{"rule": "gold"}"#)
+            ))
+            .route_json(&format!(
+                r#"{{"name": "free", "match": {{"prefix": "/free"}}, "route": {{"cluster": "backend"}}, {}}}"#,
+                md(r#"{"disabled": true}"#)
+            ))
+            .route("default", "/", "backend")
+            .cluster("backend", upstream.port())
+            .yaml(),
+    );
+    let mut c = Client::new(envoy.port());
+    assert_eq!(
+        statuses(&mut c, "/gold", 5),
+        [200, 200, 200, 429, 429],
+        "metadata selects rule gold"
+    );
+    assert_eq!(
+        statuses(&mut c, "/free", 5),
+        [200; 5],
+        "metadata switches the filter off"
+    );
+    assert_eq!(
+        statuses(&mut c, "/x", 3),
+        [200, 429, 429],
+        "no metadata: the first matching rule"
+    );
 }

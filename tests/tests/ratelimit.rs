@@ -195,7 +195,7 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         (rule(r#"{"requests": 5, "per": "fast"}"#), r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#),
         (rule(r#"{"requests": -5, "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got -5"),
         (rule(r#"{"requests": "many", "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"many\""),
-        (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field (expected one of: headers, headers_on_allowed, max_keys, response, rules)"),
+        (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field (expected one of: headers, headers_on_allowed, max_keys, response, route_metadata, rules)"),
     ];
     for (config, expected) in cases {
         let upstream = Upstream::start("backend");

@@ -20,6 +20,9 @@ pub struct Config {
     pub headers: HeaderStyle,
     /// Also put the rate-limit headers on answers that were let through.
     pub headers_on_allowed: bool,
+    /// Read the route's `mesh-filters` metadata (one property read per
+    /// request) to select a rule or switch the filter off per route.
+    pub route_metadata: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +106,10 @@ impl Config {
             Some(n) => n.bool()?,
             None => false,
         };
+        let route_metadata = match f.optional("route_metadata") {
+            Some(n) => n.bool()?,
+            None => false,
+        };
         let mut rules: Vec<Rule> = Vec::new();
         if let Some(n) = f.optional("rules") {
             for (index, item) in n.list()?.iter().enumerate() {
@@ -122,6 +129,7 @@ impl Config {
             response,
             headers,
             headers_on_allowed,
+            route_metadata,
         })
     }
 }

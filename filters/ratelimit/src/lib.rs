@@ -14,6 +14,7 @@ pub mod table;
 mod filter;
 
 use mesh_shared::hash::KeyHasher;
+use mesh_shared::route_metadata::{self, RouteChoice};
 use mesh_shared::{Request, SharedStore};
 
 pub use config::{Config, HeaderStyle, MissingKey, Rule};
@@ -106,7 +107,22 @@ impl RateLimiter {
     /// Decides for one request: the first rule whose match holds (and whose key
     /// is present, unless it says otherwise) applies.
     pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Verdict {
+        let only = if self.config.route_metadata {
+            match route_metadata::parse(req.route_metadata("ratelimit")) {
+                RouteChoice::Disabled => return Verdict::NoRule,
+                RouteChoice::Rule(name) => Some(name),
+                RouteChoice::Default => None,
+            }
+        } else {
+            None
+        };
         for (index, rule) in self.config.rules.iter().enumerate() {
+            if only
+                .as_ref()
+                .is_some_and(|name| name.as_slice() != rule.name.as_bytes())
+            {
+                continue;
+            }
             if !rule.matcher.matches(req) {
                 continue;
             }
@@ -350,6 +366,38 @@ mod tests {
                 ("x-ratelimit-reset", "60".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn route_metadata_selects_a_rule_or_disables_the_filter() {
+        let (l, s) = limiter(
+            r#"{"route_metadata": true, "rules": [
+                {"name": "strict", "limit": {"requests": 1, "per": "1h"}},
+                {"name": "gold", "limit": {"requests": 3, "per": "1h"}}]}"#,
+        );
+        let with = |md: Vec<u8>| {
+            let mut r = FakeRequest::new();
+            r.route_metadata.push(("ratelimit".into(), md));
+            r
+        };
+        let gold = mesh_shared::route_metadata::tests_encode(&[("rule", b"gold")]);
+        let labels: Vec<&str> = (0..4)
+            .map(|_| l.check(&mut with(gold.clone()), &s, NOW).label())
+            .collect();
+        assert_eq!(labels, ["allowed", "allowed", "allowed", "limited"]);
+        let off = mesh_shared::route_metadata::tests_encode(&[("disabled", &[1])]);
+        assert_eq!(l.check(&mut with(off), &s, NOW), Verdict::NoRule);
+        // No metadata: the first matching rule, as usual.
+        assert_eq!(l.check(&mut FakeRequest::new(), &s, NOW).rule(), Some(0));
+        // Without route_metadata the filter never reads it.
+        let (plain, s2) =
+            limiter(r#"{"rules": [{"name": "strict", "limit": {"requests": 1, "per": "1h"}}]}"#);
+        let mut req = with(mesh_shared::route_metadata::tests_encode(&[(
+            "disabled",
+            &[1],
+        )]));
+        assert_eq!(plain.check(&mut req, &s2, NOW).rule(), Some(0));
+        assert_eq!(req.lookups, 0);
     }
 
     #[test]

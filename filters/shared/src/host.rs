@@ -158,6 +158,7 @@ impl Clock for HostClock {
 pub struct HostRequest {
     attributes: [Option<Option<Vec<u8>>>; 6],
     headers: Vec<(String, Option<Vec<u8>>)>,
+    route_metadata: Option<Option<Vec<u8>>>,
 }
 
 impl HostRequest {
@@ -196,6 +197,12 @@ impl Request for HostRequest {
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
         let slot = self.attributes.get_mut(attr.index())?;
         slot.get_or_insert_with(|| Self::fetch(attr)).as_deref()
+    }
+
+    fn route_metadata(&mut self, filter: &str) -> Option<&[u8]> {
+        self.route_metadata
+            .get_or_insert_with(|| property(&crate::route_metadata::property_path(filter)))
+            .as_deref()
     }
 }
 

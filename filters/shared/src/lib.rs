@@ -13,6 +13,7 @@ pub mod hash;
 pub mod json;
 pub mod matcher;
 pub mod request;
+pub mod route_metadata;
 pub mod stats;
 pub mod store;
 

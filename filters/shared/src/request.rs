@@ -65,6 +65,10 @@ impl Attribute {
 pub trait Request {
     fn header(&mut self, name: &str) -> Option<&[u8]>;
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]>;
+    /// The route's `mesh-filters` metadata for `filter` (see `route_metadata`).
+    fn route_metadata(&mut self, _filter: &str) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Where a value (a rate-limit key part, a sticky key, a breaker scope) comes from.
@@ -194,6 +198,8 @@ pub fn ip_without_port(address: &[u8]) -> &[u8] {
 pub struct FakeRequest {
     pub headers: Vec<(String, Vec<u8>)>,
     pub attributes: Vec<(Attribute, Vec<u8>)>,
+    /// Encoded route metadata per filter.
+    pub route_metadata: Vec<(String, Vec<u8>)>,
     /// How many lookups the core made, to check it fetches only what it needs.
     pub lookups: usize,
 }
@@ -229,6 +235,14 @@ impl Request for FakeRequest {
         self.attributes
             .iter()
             .find(|(a, _)| *a == attr)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn route_metadata(&mut self, filter: &str) -> Option<&[u8]> {
+        self.lookups += 1;
+        self.route_metadata
+            .iter()
+            .find(|(f, _)| f == filter)
             .map(|(_, v)| v.as_slice())
     }
 }

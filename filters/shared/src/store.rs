@@ -76,8 +76,11 @@ pub fn update<T>(
 /// tests can hammer it from several threads as Envoy's workers do).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    inner: Mutex<(HashMap<String, (Vec<u8>, u32)>, u32)>,
+    inner: Mutex<Entries>,
 }
+
+/// Every entry with its version, and the last version handed out.
+type Entries = (HashMap<String, (Vec<u8>, u32)>, u32);
 
 impl MemoryStore {
     pub fn new() -> Self {
