@@ -1,4 +1,1230 @@
-//! Not written yet.
-pub fn run(_args: &[String]) -> Result<(), String> {
-    Err("not written yet".into())
+//! `cargo xtask bench`: what each filter costs per request through a real
+//! Envoy, side by side with the baselines, in one run (BENCHMARKS.md).
+//!
+//! The cases are the Envoy configurations in `envoy/bench/` (one file each,
+//! fixed ports, so a user can run any of them by hand); this file only runs
+//! them. Every case has the same route table (direct responses, no upstream),
+//! so only the HTTP filters differ. Steps:
+//!
+//! 1. build the filters and the no-op filter (`filters/noop`), `wasm-opt -Oz`
+//!    copies in `target/bench/wasm-opt/`, and record the sizes;
+//! 2. time from starting Envoy to its first answered request, per case;
+//! 3. start one Envoy per case (`--concurrency 1`) and load each with `wrk`
+//!    in interleaved rounds (A B C … A B C …), recording requests/s, latency
+//!    and Envoy's CPU time per request; medians over the rounds;
+//! 4. Envoy's resident memory after a million requests with distinct keys;
+//! 5. write `target/bench/results.json` and `target/bench/results.md`.
+//!
+//! A case whose module is missing, a stub, refused by Envoy or not answering
+//! 200 is reported as "not available" with the reason, and the rest still run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::build::{self, Toolchain};
+use crate::{cargo, run as run_cmd};
+
+const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--seconds S] [--connections C] \
+[--keys K] [--memory-requests N] [--cases a,b,...] [--no-build]";
+
+/// The cases in the order they run in every round; `envoy/bench/<name>.yaml`.
+const CASES: &[&str] = &[
+    "router",
+    "noop",
+    "native-ratelimit",
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "all-four",
+    "four-noop",
+    "noop-wasm-opt",
+    "ratelimit-wasm-opt",
+];
+/// What every ratio is taken against.
+const BASELINE: &str = "router";
+const NOOP: &str = "noop";
+/// Our four filters: each compared with `noop`; `all-four` with `four-noop`.
+const CHAIN: &str = "all-four";
+const CHAIN_FLOOR: &str = "four-noop";
+/// Cases whose start-up time is measured (module load grows with size).
+const STARTUP_CASES: &[&str] = &[
+    "router",
+    "noop",
+    "noop-wasm-opt",
+    "ratelimit",
+    "ratelimit-wasm-opt",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "all-four",
+];
+/// Cases whose memory is measured after `--memory-requests` distinct keys.
+const MEMORY_CASES: &[&str] = &["router", "ratelimit", "metrics", "all-four"];
+
+/// Targets from issue 8.
+const TARGET_VS_NOOP: f64 = 0.95;
+const TARGET_CHAIN_VS_FOUR_NOOP: f64 = 0.90;
+const TARGET_SIZE_BYTES: u64 = 150 * 1024;
+
+/// Smaller than this, a `.wasm` in dist/ is a placeholder, not a filter.
+const STUB_BYTES: u64 = 1024;
+const PATH: &str = "/api/items";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// npm's binaryen (Debian's is too old for current rustc output).
+const BINARYEN: &str = "binaryen@132";
+/// Stripped modules carry no feature section, so wasm-opt must be told what
+/// rustc's wasm32 output uses (without these it refuses memory.copy etc.).
+const WASM_OPT_FEATURES: &[&str] = &[
+    "--enable-bulk-memory",
+    "--enable-nontrapping-float-to-int",
+    "--enable-sign-ext",
+    "--enable-mutable-globals",
+    "--enable-multivalue",
+    "--enable-reference-types",
+];
+
+struct Options {
+    rounds: usize,
+    seconds: u32,
+    connections: u32,
+    keys: u32,
+    memory_requests: u64,
+    cases: Vec<String>,
+    build: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options, String> {
+        let mut o = Options {
+            rounds: 5,
+            seconds: 5,
+            connections: 16,
+            keys: 10_000,
+            memory_requests: 1_000_000,
+            cases: CASES.iter().map(|c| c.to_string()).collect(),
+            build: true,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
+            };
+            let number = |s: String| -> Result<u64, String> {
+                s.parse().map_err(|_| format!("{arg}: not a number: {s}"))
+            };
+            match arg.as_str() {
+                "--rounds" => o.rounds = number(value(arg)?)? as usize,
+                "--seconds" => o.seconds = number(value(arg)?)? as u32,
+                "--connections" => o.connections = number(value(arg)?)? as u32,
+                "--keys" => o.keys = number(value(arg)?)? as u32,
+                "--memory-requests" => o.memory_requests = number(value(arg)?)?,
+                "--cases" => {
+                    o.cases = value(arg)?.split(',').map(str::to_string).collect();
+                    if let Some(bad) = o.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+                        return Err(format!("unknown case {bad}; cases: {}", CASES.join(", ")));
+                    }
+                }
+                "--no-build" => o.build = false,
+                "-h" | "--help" => return Err(USAGE.to_string()),
+                other => return Err(format!("unknown argument {other}; {USAGE}")),
+            }
+        }
+        if o.rounds < 3 {
+            return Err("--rounds must be at least 3 (medians of interleaved rounds)".into());
+        }
+        if o.seconds == 0 || o.connections == 0 || o.keys == 0 {
+            return Err("--seconds, --connections and --keys must be positive".into());
+        }
+        Ok(o)
+    }
+}
+
+fn command_line(args: &[String]) -> String {
+    std::iter::once("cargo xtask bench".to_string())
+        .chain(args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let started = Instant::now();
+    let opts = Options::parse(args)?;
+    let root = mesh_testkit::repo_root();
+    let out_dir = root.join("target/bench");
+    fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let wrk = ensure_wrk()?;
+    let envoy = mesh_testkit::envoy_binary()?;
+    let mut report = Report {
+        command: command_line(args),
+        envoy_version: envoy_version(&envoy),
+        wrk_version: wrk_version(&wrk),
+        load_before: load_average(),
+        ..Report::default()
+    };
+
+    println!("==> building");
+    build_modules(opts.build)?;
+    report.sizes = measure_sizes(&root, &out_dir);
+
+    let cases: Vec<Case> = opts
+        .cases
+        .iter()
+        .map(|name| Case::load(&root, name))
+        .collect::<Result<_, _>>()?;
+
+    println!("==> time from starting Envoy to its first answered request (median of 3)");
+    for case in cases
+        .iter()
+        .filter(|c| STARTUP_CASES.contains(&c.name.as_str()))
+    {
+        let result = measure_startup(&envoy, &root, case);
+        match &result {
+            Ok(ms) => println!("    {:<20} {:>6.0} ms", case.name, median(ms)),
+            Err(why) => println!("    {:<20} not available: {why}", case.name),
+        }
+        report.startup.push((case.name.clone(), result));
+    }
+
+    println!(
+        "==> throughput: {} rounds x {} cases, wrk -t1 -c{} -d{}s, {} keys",
+        opts.rounds,
+        cases.len(),
+        opts.connections,
+        opts.seconds,
+        opts.keys
+    );
+    report.throughput = measure_throughput(&envoy, &wrk, &root, &cases, &opts);
+
+    println!(
+        "==> memory after {} requests, each with a new key",
+        opts.memory_requests
+    );
+    for case in cases
+        .iter()
+        .filter(|c| MEMORY_CASES.contains(&c.name.as_str()))
+    {
+        let result = measure_memory(&envoy, &wrk, &root, case, &opts);
+        match &result {
+            Ok(m) => println!(
+                "    {:<20} {:>7} KiB at start, {:>7} KiB after {} requests",
+                case.name, m.rss_start_kib, m.rss_after_kib, m.requests
+            ),
+            Err(why) => println!("    {:<20} not available: {why}", case.name),
+        }
+        report.memory.push((case.name.clone(), result));
+    }
+
+    report.load_after = load_average();
+    report.elapsed = started.elapsed();
+    report.settings = format!(
+        "Envoy --concurrency 1; wrk -t1 -c{} -d{}s --latency -s envoy/bench/keys.lua -- {}; {} interleaved rounds; \
+         warm-up {}s per case",
+        opts.connections, opts.seconds, opts.keys, opts.rounds, WARMUP_SECONDS
+    );
+    let json = report.json();
+    let markdown = report.markdown();
+    let json_path = out_dir.join("results.json");
+    let md_path = out_dir.join("results.md");
+    fs::write(&json_path, &json).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    fs::write(&md_path, &markdown).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    println!("\n{markdown}");
+    println!(
+        "==> wrote {} and {} in {:.0?}",
+        md_path.display(),
+        json_path.display(),
+        report.elapsed
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- building
+
+/// The four filters into dist/ (unless `--no-build`), and always the no-op
+/// filter, with the same toolchain choice as `cargo xtask build`.
+fn build_modules(build_filters: bool) -> Result<(), String> {
+    let toolchain = if build_filters {
+        build::build_all()?
+    } else if rustup_has_wasm_target() {
+        println!("    --no-build: using dist/*.wasm as they are");
+        Toolchain::Rustup
+    } else {
+        return Err("--no-build needs rustup's wasm32-unknown-unknown target to build the no-op filter; run without --no-build".into());
+    };
+    let root = mesh_testkit::repo_root();
+    let built = match toolchain {
+        Toolchain::Rustup => {
+            run_cmd(cargo().current_dir(&root).args([
+                "build",
+                "--release",
+                "--quiet",
+                "--target",
+                WASM_TARGET,
+                "-p",
+                "noop",
+            ]))?;
+            root.join("target")
+        }
+        Toolchain::Debian => {
+            // Same as build.rs's Debian fallback, for one more package.
+            let dir = root.join("target/debian-wasm");
+            let sysroot = Command::new("rustc")
+                .args(["--print", "sysroot"])
+                .output()
+                .map_err(|e| format!("rustc --print sysroot: {e}"))?;
+            let lld = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim())
+                .join("lib/rustlib/x86_64-unknown-linux-gnu/bin");
+            let path = std::env::join_paths(std::iter::once(lld).chain(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            )))
+            .map_err(|e| e.to_string())?;
+            run_cmd(
+                Command::new("/usr/bin/cargo")
+                    .current_dir(&root)
+                    .env("PATH", path)
+                    .env("RUSTC", "/usr/bin/rustc")
+                    .env("RUSTC_BOOTSTRAP", "1")
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("CARGO")
+                    .args(["build", "--release", "--target", WASM_TARGET])
+                    .arg("-Zbuild-std=std,panic_abort")
+                    .arg("--target-dir")
+                    .arg(&dir)
+                    .args(["-p", "noop"]),
+            )?;
+            dir
+        }
+    };
+    let from = built.join(WASM_TARGET).join("release/noop.wasm");
+    let to = mesh_testkit::dist_dir().join("noop.wasm");
+    fs::create_dir_all(mesh_testkit::dist_dir()).map_err(|e| e.to_string())?;
+    fs::copy(&from, &to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn rustup_has_wasm_target() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET)
+        })
+}
+
+/// wasm-opt from npm's binaryen, installed under target/bench/tools on first use.
+fn wasm_opt(root: &Path) -> Result<PathBuf, String> {
+    let prefix = root.join("target/bench/tools");
+    let bin = prefix.join("node_modules/.bin/wasm-opt");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    println!("    installing wasm-opt: npm install {BINARYEN} (into target/bench/tools)");
+    let status = Command::new("npm")
+        .args([
+            "install",
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--silent",
+            "--prefix",
+        ])
+        .arg(&prefix)
+        .arg(BINARYEN)
+        .status()
+        .map_err(|e| format!("npm: {e} (install Node.js to measure wasm-opt)"))?;
+    if status.success() && bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!("npm install {BINARYEN} failed ({status})"))
+    }
+}
+
+struct Size {
+    module: String,
+    bytes: Option<u64>,
+    optimized: Result<u64, String>,
+}
+
+/// Sizes of dist/<module>.wasm, and of the `wasm-opt -Oz` copies written to
+/// target/bench/wasm-opt/ (which the `*-wasm-opt` cases load).
+fn measure_sizes(root: &Path, out_dir: &Path) -> Vec<Size> {
+    let opt_dir = out_dir.join("wasm-opt");
+    let _ = fs::create_dir_all(&opt_dir);
+    let tool = wasm_opt(root);
+    std::iter::once("noop")
+        .chain(build::FILTERS.iter().copied())
+        .map(|module| {
+            let input = mesh_testkit::dist_dir().join(format!("{module}.wasm"));
+            let bytes = fs::metadata(&input).ok().map(|m| m.len());
+            let output = opt_dir.join(format!("{module}.wasm"));
+            let _ = fs::remove_file(&output);
+            let optimized = match (&tool, bytes) {
+                (Err(e), _) => Err(e.clone()),
+                (_, None) => Err("not built".into()),
+                (_, Some(b)) if b < STUB_BYTES => Err("stub".into()),
+                (Ok(tool), Some(_)) => Command::new(tool)
+                    .arg("-Oz")
+                    .args(WASM_OPT_FEATURES)
+                    .arg(&input)
+                    .arg("-o")
+                    .arg(&output)
+                    .output()
+                    .map_err(|e| e.to_string())
+                    .and_then(|o| {
+                        if o.status.success() {
+                            fs::metadata(&output)
+                                .map(|m| m.len())
+                                .map_err(|e| e.to_string())
+                        } else {
+                            Err(first_line(&String::from_utf8_lossy(&o.stderr)))
+                        }
+                    }),
+            };
+            println!(
+                "    {module:<16} {:>10}   wasm-opt -Oz: {}",
+                bytes.map_or("missing".into(), kib),
+                optimized.as_ref().map_or_else(|e| e.clone(), |b| kib(*b))
+            );
+            Size {
+                module: module.to_string(),
+                bytes,
+                optimized,
+            }
+        })
+        .collect()
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+// ---------------------------------------------------------------- cases
+
+/// One configuration file of envoy/bench/.
+struct Case {
+    name: String,
+    file: PathBuf,
+    /// Its first comment line: what it measures.
+    description: String,
+    listener_port: u16,
+    admin_port: u16,
+    /// The `.wasm` files it loads (relative to the repository root).
+    modules: Vec<PathBuf>,
+}
+
+impl Case {
+    fn load(root: &Path, name: &str) -> Result<Case, String> {
+        let file = root.join("envoy/bench").join(format!("{name}.yaml"));
+        let text = fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let description = text
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(": "))
+            .map(|(_, d)| d.trim_end_matches('.').to_string())
+            .unwrap_or_default();
+        let port_after = |section: &str| -> Option<u16> {
+            let rest = &text[text.find(section)?..];
+            let at = rest.find("port_value:")? + "port_value:".len();
+            rest[at..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        let missing = |what: &str| format!("{}: no {what} port_value", file.display());
+        Ok(Case {
+            name: name.to_string(),
+            description,
+            listener_port: port_after("\n  listeners:").ok_or_else(|| missing("listener"))?,
+            admin_port: port_after("\nadmin:").ok_or_else(|| missing("admin"))?,
+            modules: text
+                .lines()
+                .filter_map(|l| l.split_once("filename:"))
+                .map(|(_, f)| PathBuf::from(f.trim().trim_end_matches(['}', ' '])))
+                .collect(),
+            file,
+        })
+    }
+
+    /// Why the case cannot run, if a module is missing or a placeholder.
+    fn unavailable(&self, root: &Path) -> Option<String> {
+        self.modules
+            .iter()
+            .find_map(|m| match fs::metadata(root.join(m)).map(|md| md.len()) {
+                Err(_) => Some(format!("{} is missing", m.display())),
+                Ok(n) if n < STUB_BYTES => Some(format!("{} is a {n}-byte stub", m.display())),
+                Ok(_) => None,
+            })
+    }
+
+    /// The headers of the probe request (the same the wrk script sends).
+    fn probe(&self) -> Result<(), String> {
+        let headers = [
+            ("x-api-key", "key-1"),
+            ("x-user-id", "user-1"),
+            ("x-tenant", "gold"),
+        ];
+        match mesh_testkit::http::get(self.listener_port, PATH, &headers) {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!(
+                "answered {} to GET {PATH}: {}",
+                r.status,
+                first_line(&r.body_text())
+            )),
+            Err(e) => Err(format!("GET {PATH}: {e}")),
+        }
+    }
+}
+
+/// An Envoy running one case, killed on drop.
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(envoy: &Path, root: &Path, case: &Case) -> Result<Running, String> {
+        let log = root
+            .join("target/bench/logs")
+            .join(format!("{}.log", case.name));
+        let _ = fs::create_dir_all(log.parent().unwrap_or(root));
+        let out = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(envoy)
+            .current_dir(root)
+            .arg("-c")
+            .arg(&case.file)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", envoy.display()))?;
+        Ok(Running { child, log })
+    }
+
+    /// Waits until the case answers its probe with 200; returns the time
+    /// since `since`. On failure, the reason (Envoy's own error line if any).
+    fn wait_answering(&mut self, case: &Case, since: Instant) -> Result<Duration, String> {
+        let deadline = since + Duration::from_secs(60);
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("Envoy exited ({status}): {}", self.error_line()));
+            }
+            match case.probe() {
+                Ok(()) => return Ok(since.elapsed()),
+                // Listening but answering something else: the filter is not working.
+                Err(e) if e.starts_with("answered") => {
+                    return Err(format!("{e}; {}", self.error_line()));
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(format!(
+            "not answering after 60 s ({last}): {}",
+            self.error_line()
+        ))
+    }
+
+    /// The most telling line of Envoy's log: the first error or critical one.
+    fn error_line(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .find(|l| l.contains("][error]") || l.contains("][critical]"))
+            .map(|l| l.rsplit("] ").next().unwrap_or(l).trim().to_string())
+            .unwrap_or_else(|| "no error in Envoy's log".into())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time of all Envoy's threads so far, in nanoseconds.
+    fn cpu_ns(&self) -> u64 {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- measuring
+
+fn measure_startup(envoy: &Path, root: &Path, case: &Case) -> Result<Vec<f64>, String> {
+    if let Some(why) = case.unavailable(root) {
+        return Err(why);
+    }
+    (0..3)
+        .map(|_| {
+            let since = Instant::now();
+            let mut running = Running::start(envoy, root, case)?;
+            let took = running.wait_answering(case, since)?;
+            drop(running);
+            Ok(took.as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
+const WARMUP_SECONDS: u32 = 2;
+
+/// One wrk run.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    requests: u64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_request: f64,
+    non_2xx: u64,
+    socket_errors: u64,
+}
+
+struct Throughput {
+    case: String,
+    description: String,
+    file: String,
+    result: Result<Vec<Sample>, String>,
+}
+
+fn measure_throughput(
+    envoy: &Path,
+    wrk: &Path,
+    root: &Path,
+    cases: &[Case],
+    opts: &Options,
+) -> Vec<Throughput> {
+    // Start every case once; keep them all up through the rounds.
+    let mut running: Vec<Result<Running, String>> = cases
+        .iter()
+        .map(|case| {
+            if let Some(why) = case.unavailable(root) {
+                return Err(why);
+            }
+            let mut r = Running::start(envoy, root, case)?;
+            r.wait_answering(case, Instant::now())?;
+            Ok(r)
+        })
+        .collect();
+    for (case, r) in cases.iter().zip(running.iter_mut()) {
+        if let Ok(envoy) = r {
+            // Warm-up (V8 tiering, buckets and stats created): not recorded.
+            if let Err(e) = wrk_run(wrk, envoy, case, opts, WARMUP_SECONDS, false) {
+                *r = Err(format!("warm-up failed: {e}"));
+            }
+        }
+    }
+    for (case, r) in cases.iter().zip(&running) {
+        if let Err(why) = r {
+            println!("    {:<20} not available: {why}", case.name);
+        }
+    }
+    let mut samples: Vec<Vec<Sample>> = cases.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<Option<String>> = cases.iter().map(|_| None).collect();
+    for round in 1..=opts.rounds {
+        let mut line = format!("    round {round}:");
+        for (i, case) in cases.iter().enumerate() {
+            let Ok(envoy) = &running[i] else { continue };
+            if failures[i].is_some() {
+                continue;
+            }
+            match wrk_run(wrk, envoy, case, opts, opts.seconds, false) {
+                Ok(s) => {
+                    let _ = write!(line, " {}={:.0}", case.name, s.rps);
+                    samples[i].push(s);
+                }
+                Err(e) => failures[i] = Some(e),
+            }
+        }
+        println!("{line}");
+    }
+    cases
+        .iter()
+        .zip(running)
+        .zip(samples.into_iter().zip(failures))
+        .map(|((case, r), (s, failure))| Throughput {
+            case: case.name.clone(),
+            description: case.description.clone(),
+            file: format!("envoy/bench/{}.yaml", case.name),
+            result: match (r, failure) {
+                (Err(why), _) => Err(why),
+                (Ok(_), Some(why)) => Err(why),
+                (Ok(_), None) => Ok(s),
+            },
+        })
+        .collect()
+}
+
+/// Runs wrk against a case; `unique` sends a new key with every request.
+fn wrk_run(
+    wrk: &Path,
+    envoy: &Running,
+    case: &Case,
+    opts: &Options,
+    seconds: u32,
+    unique: bool,
+) -> Result<Sample, String> {
+    let cpu_before = envoy.cpu_ns();
+    let mut cmd = Command::new(wrk);
+    cmd.current_dir(mesh_testkit::repo_root())
+        .args(["-t1", "--latency", "-s", "envoy/bench/keys.lua"])
+        .arg(format!("-c{}", opts.connections))
+        .arg(format!("-d{seconds}s"))
+        .arg(format!("http://127.0.0.1:{}{PATH}", case.listener_port))
+        .arg("--")
+        .arg(opts.keys.to_string());
+    if unique {
+        cmd.arg("unique");
+    }
+    let out = cmd.output().map_err(|e| format!("wrk: {e}"))?;
+    let cpu_ns = envoy.cpu_ns().saturating_sub(cpu_before);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH "))
+        .ok_or_else(|| {
+            format!(
+                "wrk printed no result ({}): {}",
+                out.status,
+                first_line(&String::from_utf8_lossy(&out.stderr))
+            )
+        })?;
+    let field = |name: &str| -> f64 {
+        line.split_once(&format!("\"{name}\": "))
+            .and_then(|(_, rest)| rest.split([',', '}']).next()?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let requests = field("requests") as u64;
+    let duration_s = field("duration_us") / 1e6;
+    let sample = Sample {
+        requests,
+        rps: if duration_s > 0.0 {
+            requests as f64 / duration_s
+        } else {
+            0.0
+        },
+        p50_us: field("p50_us"),
+        p99_us: field("p99_us"),
+        cpu_us_per_request: if requests > 0 {
+            cpu_ns as f64 / 1000.0 / requests as f64
+        } else {
+            0.0
+        },
+        non_2xx: field("non_2xx_3xx") as u64,
+        socket_errors: field("socket_errors") as u64,
+    };
+    if requests == 0 {
+        return Err("wrk completed no request".into());
+    }
+    if sample.non_2xx > 0 {
+        // A filter answering locally (429, 503) does less work: not comparable.
+        return Err(format!(
+            "{} of {requests} answers were not 2xx: the case is not measuring what it says",
+            sample.non_2xx
+        ));
+    }
+    Ok(sample)
+}
+
+struct Memory {
+    requests: u64,
+    rss_start_kib: u64,
+    rss_after_kib: u64,
+    /// Stats our filters defined (`wasmcustom.*`): bounded whatever the keys.
+    filter_stats: usize,
+}
+
+/// A fresh Envoy, then wrk with a new key per request until `memory_requests`.
+fn measure_memory(
+    envoy: &Path,
+    wrk: &Path,
+    root: &Path,
+    case: &Case,
+    opts: &Options,
+) -> Result<Memory, String> {
+    if let Some(why) = case.unavailable(root) {
+        return Err(why);
+    }
+    let mut running = Running::start(envoy, root, case)?;
+    running.wait_answering(case, Instant::now())?;
+    let rss_start_kib = running.rss_kib();
+    let mut requests = 0;
+    while requests < opts.memory_requests {
+        requests += wrk_run(wrk, &running, case, opts, 5, true)?.requests;
+    }
+    let filter_stats = mesh_testkit::http::get(case.admin_port, "/stats?filter=wasmcustom", &[])
+        .map(|r| r.body_text().lines().count())
+        .unwrap_or(0);
+    Ok(Memory {
+        requests,
+        rss_start_kib,
+        rss_after_kib: running.rss_kib(),
+        filter_stats,
+    })
+}
+
+// ---------------------------------------------------------------- tools
+
+/// wrk from Debian, installed when missing and running as root.
+fn ensure_wrk() -> Result<PathBuf, String> {
+    let find = || {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("wrk"))
+            .find(|p| p.is_file())
+    };
+    if let Some(wrk) = find() {
+        return Ok(wrk);
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Err("wrk is missing: `sudo apt-get install -y wrk`".into());
+    }
+    println!("==> apt-get install wrk");
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "wrk"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    find().ok_or_else(|| "wrk still missing after apt-get install".into())
+}
+
+fn envoy_version(envoy: &Path) -> String {
+    Command::new(envoy)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split("version: ")
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn wrk_version(wrk: &Path) -> String {
+    Command::new(wrk)
+        .arg("--version")
+        .output()
+        .map(|o| first_line(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default()
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Default)]
+struct Report {
+    command: String,
+    settings: String,
+    envoy_version: String,
+    wrk_version: String,
+    load_before: String,
+    load_after: String,
+    elapsed: Duration,
+    sizes: Vec<Size>,
+    startup: Vec<(String, Result<Vec<f64>, String>)>,
+    throughput: Vec<Throughput>,
+    memory: Vec<(String, Result<Memory, String>)>,
+}
+
+/// Medians over the rounds of one case.
+struct Medians {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us: f64,
+    rps_min: f64,
+    rps_max: f64,
+}
+
+impl Medians {
+    fn of(samples: &[Sample]) -> Medians {
+        let col = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
+        let rps = col(|s| s.rps);
+        Medians {
+            rps: median(&rps),
+            p50_us: median(&col(|s| s.p50_us)),
+            p99_us: median(&col(|s| s.p99_us)),
+            cpu_us: median(&col(|s| s.cpu_us_per_request)),
+            rps_min: rps.iter().copied().fold(f64::INFINITY, f64::min),
+            rps_max: rps.iter().copied().fold(0.0, f64::max),
+        }
+    }
+}
+
+impl Report {
+    fn medians(&self) -> BTreeMap<String, Medians> {
+        self.throughput
+            .iter()
+            .filter_map(|t| Some((t.case.clone(), Medians::of(t.result.as_ref().ok()?))))
+            .collect()
+    }
+
+    /// `case` against `base`: (requests/s ratio, extra Envoy CPU µs per request).
+    fn versus(medians: &BTreeMap<String, Medians>, case: &str, base: &str) -> Option<(f64, f64)> {
+        let (c, b) = (medians.get(case)?, medians.get(base)?);
+        Some((c.rps / b.rps, c.cpu_us - b.cpu_us))
+    }
+
+    /// Each target of issue 8: (what, where we stand, met?).
+    fn targets(&self) -> Vec<(String, String, Option<bool>)> {
+        let m = self.medians();
+        let mut out = Vec::new();
+        for filter in build::FILTERS {
+            let what = format!("{filter} >= {TARGET_VS_NOOP:.2} x noop");
+            out.push(match Self::versus(&m, filter, NOOP) {
+                Some((r, _)) => (what, format!("{r:.3}"), Some(r >= TARGET_VS_NOOP)),
+                None => (what, "not available".into(), None),
+            });
+        }
+        let what = format!("{CHAIN} >= {TARGET_CHAIN_VS_FOUR_NOOP:.2} x {CHAIN_FLOOR}");
+        out.push(match Self::versus(&m, CHAIN, CHAIN_FLOOR) {
+            Some((r, _)) => (
+                what,
+                format!("{r:.3}"),
+                Some(r >= TARGET_CHAIN_VS_FOUR_NOOP),
+            ),
+            None => (what, "not available".into(), None),
+        });
+        for s in self.sizes.iter().filter(|s| s.module != NOOP) {
+            let what = format!("{}.wasm < 150 KiB", s.module);
+            out.push(match s.bytes.filter(|b| *b >= STUB_BYTES) {
+                Some(b) => {
+                    let best = s.optimized.as_ref().map_or(b, |o| b.min(*o));
+                    let stands = match &s.optimized {
+                        Ok(o) => format!("{} ({} after wasm-opt)", kib(b), kib(*o)),
+                        Err(_) => kib(b),
+                    };
+                    (what, stands, Some(best < TARGET_SIZE_BYTES))
+                }
+                None => (what, "not available".into(), None),
+            });
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let m = self.medians();
+        let mut s = String::new();
+        let _ = writeln!(s, "Command: `{}`  ", self.command);
+        let _ = writeln!(
+            s,
+            "Envoy {}, {}; {}  \nLoad average before / after: {} / {}; whole run {:.0} s.\n",
+            self.envoy_version,
+            self.wrk_version,
+            self.settings,
+            self.load_before,
+            self.load_after,
+            self.elapsed.as_secs_f64()
+        );
+        let _ = writeln!(s, "### Throughput and latency (medians over the rounds)\n");
+        let _ = writeln!(
+            s,
+            "| case | req/s | range over rounds | x router | x noop | p50 ms | p99 ms | Envoy CPU µs/req | +µs vs router |"
+        );
+        let _ = writeln!(
+            s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for t in &self.throughput {
+            match m.get(&t.case) {
+                Some(x) => {
+                    let vs = |base: &str| {
+                        Self::versus(&m, &t.case, base)
+                            .map_or("-".into(), |(r, _)| format!("{r:.2}"))
+                    };
+                    let extra = Self::versus(&m, &t.case, BASELINE)
+                        .map_or("-".into(), |(_, us)| format!("{us:+.1}"));
+                    let _ = writeln!(
+                        s,
+                        "| {} | {:.0} | {:.0}-{:.0} | {} | {} | {:.2} | {:.2} | {:.1} | {} |",
+                        t.case,
+                        x.rps,
+                        x.rps_min,
+                        x.rps_max,
+                        vs(BASELINE),
+                        vs(NOOP),
+                        x.p50_us / 1000.0,
+                        x.p99_us / 1000.0,
+                        x.cpu_us,
+                        extra
+                    );
+                }
+                None => {
+                    let why = t.result.as_ref().err().map_or("", String::as_str);
+                    let _ = writeln!(
+                        s,
+                        "| {} | not available: {} | | | | | | | |",
+                        t.case,
+                        why.replace('|', "/")
+                    );
+                }
+            }
+        }
+        if let Some((r, us)) = Self::versus(&m, CHAIN, CHAIN_FLOOR) {
+            let _ = writeln!(
+                s,
+                "\n{CHAIN} against {CHAIN_FLOOR}: x{r:.2} requests/s, {us:+.1} µs Envoy CPU per request."
+            );
+        }
+        let _ = writeln!(s, "\n### Module sizes\n");
+        let _ = writeln!(s, "| module | dist/ | after wasm-opt -Oz |");
+        let _ = writeln!(s, "| --- | ---: | ---: |");
+        for z in &self.sizes {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                z.module,
+                z.bytes.map_or("missing".into(), kib),
+                z.optimized.as_ref().map_or_else(|e| e.clone(), |b| kib(*b))
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n### Time from starting Envoy to the first answered request (median of 3)\n"
+        );
+        let _ = writeln!(s, "| case | ms | runs |");
+        let _ = writeln!(s, "| --- | ---: | --- |");
+        for (case, r) in &self.startup {
+            match r {
+                Ok(ms) => {
+                    let runs: Vec<String> = ms.iter().map(|v| format!("{v:.0}")).collect();
+                    let _ = writeln!(s, "| {case} | {:.0} | {} |", median(ms), runs.join(", "));
+                }
+                Err(why) => {
+                    let _ = writeln!(s, "| {case} | not available: {} | |", why.replace('|', "/"));
+                }
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n### Envoy resident memory, a new key on every request\n"
+        );
+        let _ = writeln!(
+            s,
+            "| case | requests | RSS at start | RSS after | growth | filter stats |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        for (case, r) in &self.memory {
+            match r {
+                Ok(x) => {
+                    let _ = writeln!(
+                        s,
+                        "| {case} | {} | {:.1} MiB | {:.1} MiB | {:+.1} MiB | {} |",
+                        x.requests,
+                        x.rss_start_kib as f64 / 1024.0,
+                        x.rss_after_kib as f64 / 1024.0,
+                        (x.rss_after_kib as f64 - x.rss_start_kib as f64) / 1024.0,
+                        x.filter_stats
+                    );
+                }
+                Err(why) => {
+                    let _ = writeln!(
+                        s,
+                        "| {case} | not available: {} | | | | |",
+                        why.replace('|', "/")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s, "\n### Targets\n");
+        let _ = writeln!(s, "| target | measured | met |");
+        let _ = writeln!(s, "| --- | --- | --- |");
+        for (what, stands, met) in self.targets() {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "-",
+            };
+            let _ = writeln!(s, "| {what} | {stands} | {met} |");
+        }
+        s
+    }
+
+    fn json(&self) -> String {
+        let m = self.medians();
+        let q = |s: &str| mesh_testkit::json_string(s);
+        let num = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.3}")
+            } else {
+                "null".into()
+            }
+        };
+        let mut s = String::from("{\n");
+        let _ = writeln!(s, "  \"command\": {},", q(&self.command));
+        let _ = writeln!(s, "  \"settings\": {},", q(&self.settings));
+        let _ = writeln!(s, "  \"envoy\": {},", q(&self.envoy_version));
+        let _ = writeln!(s, "  \"wrk\": {},", q(&self.wrk_version));
+        let _ = writeln!(s, "  \"load_average_before\": {},", q(&self.load_before));
+        let _ = writeln!(s, "  \"load_average_after\": {},", q(&self.load_after));
+        let _ = writeln!(
+            s,
+            "  \"elapsed_seconds\": {},",
+            num(self.elapsed.as_secs_f64())
+        );
+        let cases: Vec<String> = self
+            .throughput
+            .iter()
+            .map(|t| {
+                let head = format!(
+                    "\"case\": {}, \"file\": {}, \"description\": {}",
+                    q(&t.case),
+                    q(&t.file),
+                    q(&t.description)
+                );
+                match (&t.result, m.get(&t.case)) {
+                    (Ok(samples), Some(x)) => {
+                        let rounds: Vec<String> = samples
+                            .iter()
+                            .map(|r| {
+                                format!(
+                                    "{{\"requests\": {}, \"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"cpu_us_per_request\": {}, \"socket_errors\": {}}}",
+                                    r.requests, num(r.rps), num(r.p50_us), num(r.p99_us), num(r.cpu_us_per_request), r.socket_errors
+                                )
+                            })
+                            .collect();
+                        let ratio = |base: &str| {
+                            Self::versus(&m, &t.case, base).map_or("null".into(), |(r, _)| num(r))
+                        };
+                        format!(
+                            "    {{{head}, \"available\": true, \"median\": {{\"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"cpu_us_per_request\": {}}}, \
+                             \"vs_router\": {}, \"vs_noop\": {}, \"rounds\": [\n      {}\n    ]}}",
+                            num(x.rps), num(x.p50_us), num(x.p99_us), num(x.cpu_us),
+                            ratio(BASELINE), ratio(NOOP), rounds.join(",\n      ")
+                        )
+                    }
+                    (r, _) => format!(
+                        "    {{{head}, \"available\": false, \"reason\": {}}}",
+                        q(r.as_ref().err().map_or("", String::as_str))
+                    ),
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "  \"cases\": [\n{}\n  ],", cases.join(",\n"));
+        let sizes: Vec<String> = self
+            .sizes
+            .iter()
+            .map(|z| {
+                format!(
+                    "    {{\"module\": {}, \"bytes\": {}, \"wasm_opt_bytes\": {}}}",
+                    q(&z.module),
+                    z.bytes.map_or("null".into(), |b| b.to_string()),
+                    z.optimized
+                        .as_ref()
+                        .map_or("null".into(), |b| b.to_string())
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"sizes\": [\n{}\n  ],", sizes.join(",\n"));
+        let startup: Vec<String> = self
+            .startup
+            .iter()
+            .map(|(case, r)| match r {
+                Ok(ms) => format!(
+                    "    {{\"case\": {}, \"median_ms\": {}, \"runs_ms\": [{}]}}",
+                    q(case),
+                    num(median(ms)),
+                    ms.iter().map(|v| num(*v)).collect::<Vec<_>>().join(", ")
+                ),
+                Err(why) => format!(
+                    "    {{\"case\": {}, \"available\": false, \"reason\": {}}}",
+                    q(case),
+                    q(why)
+                ),
+            })
+            .collect();
+        let _ = writeln!(s, "  \"startup\": [\n{}\n  ],", startup.join(",\n"));
+        let memory: Vec<String> = self
+            .memory
+            .iter()
+            .map(|(case, r)| match r {
+                Ok(x) => format!(
+                    "    {{\"case\": {}, \"requests\": {}, \"rss_start_kib\": {}, \"rss_after_kib\": {}, \"filter_stats\": {}}}",
+                    q(case),
+                    x.requests,
+                    x.rss_start_kib,
+                    x.rss_after_kib,
+                    x.filter_stats
+                ),
+                Err(why) => format!("    {{\"case\": {}, \"available\": false, \"reason\": {}}}", q(case), q(why)),
+            })
+            .collect();
+        let _ = writeln!(s, "  \"memory\": [\n{}\n  ],", memory.join(",\n"));
+        let targets: Vec<String> = self
+            .targets()
+            .into_iter()
+            .map(|(what, stands, met)| {
+                format!(
+                    "    {{\"target\": {}, \"measured\": {}, \"met\": {}}}",
+                    q(&what),
+                    q(&stands),
+                    met.map_or("null".into(), |b| b.to_string())
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"targets\": [\n{}\n  ]", targets.join(",\n"));
+        s.push_str("}\n");
+        s
+    }
 }
