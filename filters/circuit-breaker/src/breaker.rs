@@ -21,7 +21,9 @@ pub enum Outcome {
     /// A success whose response headers came after `slow_call.duration`.
     Slow,
     /// A failure; slow or not (counted in the slow-call rate too when slow).
-    Failure { slow: bool },
+    Failure {
+        slow: bool,
+    },
     /// Not an upstream call after all (another filter answered, the client
     /// went away, or a reset with `failure_when.reset: false`): not counted,
     /// and a half-open permit it held is given back.

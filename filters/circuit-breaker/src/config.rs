@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use mesh_shared::config::{parse_document, ConfigError, Node};
-use mesh_shared::hash::hash64;
+use mesh_shared::hash::KeyHasher;
 use mesh_shared::json::Value;
 use mesh_shared::{Attribute, Matcher, Source};
 
@@ -256,12 +256,46 @@ fn parse_rule(
     };
     // Breaker entries are keyed by everything that gives their bytes meaning,
     // so a changed configuration starts from fresh breakers instead of
-    // misreading old ones.
-    let identity = format!("{name}|{scope:?}|{policy:?}|{max_breakers}");
-    let prefix = format!(
-        "mesh.cb.{scope_name}.{index}.{:016x}.",
-        hash64(&[identity.as_bytes()])
-    );
+    // misreading old ones. (Hashed field by field: Debug formatting would
+    // cost the module kilobytes.)
+    let mut identity = KeyHasher::new();
+    identity.part(name.as_bytes());
+    match &scope {
+        Scope::Route => identity.part(b"route"),
+        Scope::Cluster => identity.part(b"cluster"),
+        Scope::Header(h) => identity.part(h.as_bytes()),
+    }
+    let (kind, a, b) = match window {
+        Window::Count { size } => (0, size, 0),
+        Window::Time {
+            buckets,
+            bucket_nanos,
+        } => (1, buckets, bucket_nanos),
+    };
+    let slow = policy
+        .slow_call
+        .map_or((0, 0), |s| (s.duration_nanos, s.rate_percent));
+    let mut numbers = vec![
+        kind,
+        a,
+        b,
+        minimum_calls,
+        failure_rate_percent,
+        u64::from(policy.failure_when.reset),
+        slow.0,
+        slow.1,
+        consecutive_failures,
+        open_for_nanos,
+        half_open_calls,
+        max_breakers,
+    ];
+    for (lo, hi) in &policy.failure_when.statuses {
+        numbers.extend([u64::from(*lo), u64::from(*hi)]);
+    }
+    for n in numbers {
+        identity.part(&n.to_le_bytes());
+    }
+    let prefix = format!("mesh.cb.{scope_name}.{index}.{:016x}.", identity.finish());
     let table = BreakerTable::new(prefix, max_breakers, window);
     Ok(Rule {
         name,
@@ -358,11 +392,8 @@ fn parse_status(node: &Node<'_>) -> Result<(u32, u32), ConfigError> {
 
 fn parse_slow_call(node: &Node<'_>) -> Result<SlowCall, ConfigError> {
     let mut f = node.object()?;
-    let duration_nanos = bounded_duration(
-        &f.required("duration")?,
-        Duration::from_secs(3600),
-        "1h",
-    )?;
+    let duration_nanos =
+        bounded_duration(&f.required("duration")?, Duration::from_secs(3600), "1h")?;
     let rate_percent = match f.optional("rate_percent") {
         Some(n) => n.positive(100)?,
         None => 100,

@@ -91,6 +91,18 @@ pub struct Response<'a> {
     pub duration_nanos: Option<u64>,
 }
 
+/// Whether Envoy's `response.code_details` says the upstream failed to answer.
+/// Seen in Envoy 1.40: a reset is `upstream_reset_before_response_started{...}`
+/// (503), a route timeout is `response_timeout` (504); per-try timeouts are
+/// `upstream_per_try_timeout`, an empty cluster `no_healthy_upstream`.
+/// Anything else without an upstream status (another filter's local reply,
+/// `downstream_remote_disconnect`) is not the upstream's doing.
+pub fn is_upstream_trouble(details: &[u8]) -> bool {
+    details.starts_with(b"upstream_")
+        || details == b"response_timeout"
+        || details == b"no_healthy_upstream"
+}
+
 /// The compiled configuration and the decision procedures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitBreaker {
@@ -120,8 +132,8 @@ impl CircuitBreaker {
             let Some(value) = source.read(req) else {
                 continue;
             };
-            let cluster = (rule.scope == Scope::Cluster)
-                .then(|| String::from_utf8_lossy(value).into_owned());
+            let cluster =
+                (rule.scope == Scope::Cluster).then(|| String::from_utf8_lossy(value).into_owned());
             let fp = hash64(&[value]);
             let Ok(adm) = rule.table.admit(store, &rule.policy, fp, now) else {
                 return Verdict::FailedOpen { rule: index };
@@ -189,7 +201,7 @@ impl CircuitBreaker {
         }
         // No upstream status: Envoy answered itself, or nothing was answered.
         let upstream_trouble = match response.details {
-            Some(d) => d.starts_with(b"upstream_") || d == b"no_healthy_upstream",
+            Some(d) => is_upstream_trouble(d),
             None => true,
         };
         if upstream_trouble && policy.failure_when.reset {
@@ -257,7 +269,10 @@ impl CircuitBreaker {
     }
 
     /// The local answer's headers for a rejection.
-    pub fn reject_headers(state: CircuitState, retry_after_secs: u64) -> [(&'static str, String); 2] {
+    pub fn reject_headers(
+        state: CircuitState,
+        retry_after_secs: u64,
+    ) -> [(&'static str, String); 2] {
         let state = match state {
             CircuitState::HalfOpen => "half-open",
             _ => "open",

@@ -289,7 +289,12 @@ impl BreakerTable {
     }
 
     pub fn summary(&self, store: &dyn SharedStore) -> Summary {
-        Summary::decode(store.get(&self.summary_key()).as_ref().map(|(b, _)| b.as_slice()))
+        Summary::decode(
+            store
+                .get(&self.summary_key())
+                .as_ref()
+                .map(|(b, _)| b.as_slice()),
+        )
     }
 
     /// Entries this table stored (the memory bound: slots + overflow + summary).

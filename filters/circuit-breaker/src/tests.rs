@@ -33,7 +33,14 @@ fn upstream(code: u32, ms: u64) -> Response<'static> {
 
 /// Sends one request at `now` that the upstream answers with `code` after
 /// `ms`; returns the verdict (outcome already reported if it passed).
-fn call(cb: &CircuitBreaker, s: &MemoryStore, req: FakeRequest, now: u64, code: u32, ms: u64) -> Verdict {
+fn call(
+    cb: &CircuitBreaker,
+    s: &MemoryStore,
+    req: FakeRequest,
+    now: u64,
+    code: u32,
+    ms: u64,
+) -> Verdict {
     let v = cb.check(&mut req.clone(), s, now);
     if let Some(c) = v.change() {
         cb.apply(s, c);
@@ -63,7 +70,11 @@ fn closed_opens_after_minimum_calls_at_the_failure_rate() {
         assert!(passed(&call(&cb, &s, route("payments"), T0 + i, 503, 1)));
     }
     let rule = &cb.config.rules[0];
-    assert_eq!(rule.table.summary(&s).worst(), CircuitState::Closed, "9 calls < minimum_calls");
+    assert_eq!(
+        rule.table.summary(&s).worst(),
+        CircuitState::Closed,
+        "9 calls < minimum_calls"
+    );
     assert!(passed(&call(&cb, &s, route("payments"), T0 + 10, 503, 1)));
     assert_eq!(rule.table.summary(&s).worst(), CircuitState::Open);
     match call(&cb, &s, route("payments"), T0 + SEC, 200, 1) {
@@ -87,11 +98,21 @@ fn below_the_failure_rate_stays_closed() {
         // Spread so that no prefix of 10 or more calls reaches 50% either.
         let failing = [2, 4, 6, 8, 11, 13, 15, 17, 19].contains(&(i % 20));
         let code = if failing { 500 } else { 200 };
-        assert!(passed(&call(&cb, &s, route("payments"), T0 + i, code, 1)), "call {i}");
+        assert!(
+            passed(&call(&cb, &s, route("payments"), T0 + i, code, 1)),
+            "call {i}"
+        );
     }
     // Statuses outside failure_when are successes.
     for i in 0..20 {
-        assert!(passed(&call(&cb, &s, route("payments"), T0 + 1000 + i, 404, 1)));
+        assert!(passed(&call(
+            &cb,
+            &s,
+            route("payments"),
+            T0 + 1000 + i,
+            404,
+            1
+        )));
     }
 }
 
@@ -124,7 +145,10 @@ fn the_time_window_forgets_old_calls() {
     for code in [500, 200, 200] {
         assert!(passed(&call(&cb, &s, route("r"), later, code, 1)));
     }
-    assert!(passed(&call(&cb, &s, route("r"), later + MS, 200, 1)), "1 of 4 failed");
+    assert!(
+        passed(&call(&cb, &s, route("r"), later + MS, 200, 1)),
+        "1 of 4 failed"
+    );
     // Within the window, failures add up: 1 + 2 of 6 calls = 50%.
     assert!(passed(&call(&cb, &s, route("r"), later + 5 * SEC, 500, 1)));
     assert!(passed(&call(&cb, &s, route("r"), later + 6 * SEC, 500, 1)));
@@ -138,10 +162,15 @@ fn slow_calls_trip_the_slow_call_rate() {
             "slow_call": {"duration": "500ms", "rate_percent": 75}}]}"#,
     );
     let v = cb.check(&mut route("r"), &s, T0);
-    let Verdict::Pass { call: c, .. } = v else { panic!() };
+    let Verdict::Pass { call: c, .. } = v else {
+        panic!()
+    };
     assert_eq!(cb.classify(&c, upstream(200, 499)), Outcome::Success);
     assert_eq!(cb.classify(&c, upstream(200, 500)), Outcome::Slow);
-    assert_eq!(cb.classify(&c, upstream(503, 900)), Outcome::Failure { slow: true });
+    assert_eq!(
+        cb.classify(&c, upstream(503, 900)),
+        Outcome::Failure { slow: true }
+    );
     for (i, ms) in [600, 10, 700].iter().enumerate() {
         assert!(passed(&call(&cb, &s, route("r"), T0 + i as u64, 200, *ms)));
     }
@@ -152,14 +181,16 @@ fn slow_calls_trip_the_slow_call_rate() {
 
 #[test]
 fn consecutive_failures_open_before_minimum_calls() {
-    let (cb, s) = breaker(
-        r#"{"rules": [{"name": "c", "consecutive_failures": 3, "minimum_calls": 100}]}"#,
-    );
+    let (cb, s) =
+        breaker(r#"{"rules": [{"name": "c", "consecutive_failures": 3, "minimum_calls": 100}]}"#);
     let codes = [500, 500, 200, 500, 500];
     for (i, code) in codes.iter().enumerate() {
         assert!(passed(&call(&cb, &s, route("r"), T0 + i as u64, *code, 1)));
     }
-    assert!(passed(&call(&cb, &s, route("r"), T0 + 10, 500, 1)), "third in a row");
+    assert!(
+        passed(&call(&cb, &s, route("r"), T0 + 10, 500, 1)),
+        "third in a row"
+    );
     assert!(!passed(&call(&cb, &s, route("r"), T0 + 11, 200, 1)));
 }
 
@@ -198,21 +229,41 @@ fn half_open_admits_exactly_the_probes_then_closes_when_all_succeed() {
     let verdicts: Vec<Verdict> = (0..20).map(|i| admit(&cb, &s, after + i)).collect();
     let probes: Vec<&Verdict> = verdicts.iter().filter(|v| passed(v)).collect();
     assert_eq!(probes.len(), 3);
-    assert!(verdicts.iter().take(3).all(passed), "the first three get the permits");
+    assert!(
+        verdicts.iter().take(3).all(passed),
+        "the first three get the permits"
+    );
     match &verdicts[3] {
-        Verdict::Reject { state, retry_after_secs, .. } => {
+        Verdict::Reject {
+            state,
+            retry_after_secs,
+            ..
+        } => {
             assert_eq!((*state, *retry_after_secs), (CircuitState::HalfOpen, 1));
         }
         v => panic!("{v:?}"),
     }
-    assert_eq!(cb.config.rules[0].table.summary(&s).worst(), CircuitState::HalfOpen);
+    assert_eq!(
+        cb.config.rules[0].table.summary(&s).worst(),
+        CircuitState::HalfOpen
+    );
     report(&cb, &s, probes[0], 200, after + 100);
     report(&cb, &s, probes[1], 200, after + 101);
-    assert!(!passed(&admit(&cb, &s, after + 102)), "two of three probes are not enough");
+    assert!(
+        !passed(&admit(&cb, &s, after + 102)),
+        "two of three probes are not enough"
+    );
     report(&cb, &s, probes[2], 200, after + 103);
     assert_eq!(cb.config.rules[0].table.summary(&s), Summary::default());
     for i in 0..50 {
-        assert!(passed(&call(&cb, &s, route("payments"), after + 200 + i, 200, 1)));
+        assert!(passed(&call(
+            &cb,
+            &s,
+            route("payments"),
+            after + 200 + i,
+            200,
+            1
+        )));
     }
 }
 
@@ -226,8 +277,16 @@ fn one_failed_probe_opens_again() {
     // Late probe outcomes belong to the old half-open episode: ignored.
     report(&cb, &s, &probes[2], 200, after + 12);
     match admit(&cb, &s, after + 5 * SEC) {
-        Verdict::Reject { state, retry_after_secs, .. } => {
-            assert_eq!((state, retry_after_secs), (CircuitState::Open, 6), "5s and a bit left");
+        Verdict::Reject {
+            state,
+            retry_after_secs,
+            ..
+        } => {
+            assert_eq!(
+                (state, retry_after_secs),
+                (CircuitState::Open, 6),
+                "5s and a bit left"
+            );
         }
         v => panic!("{v:?}"),
     }
@@ -241,7 +300,9 @@ fn an_ignored_probe_gives_its_permit_back() {
     let after = T0 + 11 * SEC;
     let probes: Vec<Verdict> = (0..3).map(|i| admit(&cb, &s, after + i)).collect();
     assert!(!passed(&admit(&cb, &s, after + 3)));
-    let Verdict::Pass { call, .. } = &probes[0] else { panic!() };
+    let Verdict::Pass { call, .. } = &probes[0] else {
+        panic!()
+    };
     // The client went away before an answer: not the upstream's fault.
     let gone = Response {
         code: None,
@@ -251,7 +312,10 @@ fn an_ignored_probe_gives_its_permit_back() {
     let outcome = cb.classify(call, gone);
     assert_eq!(outcome, Outcome::Ignored);
     cb.finish(&s, call, outcome, after + 4);
-    assert!(passed(&admit(&cb, &s, after + 5)), "the permit is free again");
+    assert!(
+        passed(&admit(&cb, &s, after + 5)),
+        "the permit is free again"
+    );
     assert!(!passed(&admit(&cb, &s, after + 6)));
 }
 
@@ -285,7 +349,11 @@ fn probes_that_never_report_reopen_the_breaker_after_the_wait() {
     }
     assert!(!passed(&admit(&cb, &s, after + 59 * SEC)));
     match admit(&cb, &s, after + 61 * SEC) {
-        Verdict::Reject { state, retry_after_secs, .. } => {
+        Verdict::Reject {
+            state,
+            retry_after_secs,
+            ..
+        } => {
             assert_eq!((state, retry_after_secs), (CircuitState::Open, 10));
         }
         v => panic!("{v:?}"),
@@ -313,17 +381,36 @@ fn resets_and_timeouts_are_failures_unless_told_otherwise() {
         details: Some(details),
         duration_nanos: headers.then_some(5 * MS),
     };
-    let reset = envoy(Some(503), b"upstream_reset_before_response_started{connection_termination}", true);
-    let timeout = envoy(Some(504), b"upstream_response_timeout", true);
-    let no_answer = Response { code: None, details: None, duration_nanos: None };
+    let reset = envoy(
+        Some(503),
+        b"upstream_reset_before_response_started{connection_termination}",
+        true,
+    );
+    let timeout = envoy(Some(504), b"response_timeout", true);
+    let no_answer = Response {
+        code: None,
+        details: None,
+        duration_nanos: None,
+    };
     let other_filter = envoy(Some(429), b"ratelimited", true);
     for r in [reset, timeout, no_answer] {
-        assert_eq!(cb.classify(&c, r), Outcome::Failure { slow: false }, "{r:?}");
+        assert_eq!(
+            cb.classify(&c, r),
+            Outcome::Failure { slow: false },
+            "{r:?}"
+        );
         assert_eq!(lenient.classify(&c, r), Outcome::Ignored, "{r:?}");
     }
     assert_eq!(cb.classify(&c, other_filter), Outcome::Ignored);
-    assert_eq!(lenient.classify(&c, upstream(503, 1)), Outcome::Success, "only 500 fails");
-    assert_eq!(lenient.classify(&c, upstream(500, 1)), Outcome::Failure { slow: false });
+    assert_eq!(
+        lenient.classify(&c, upstream(503, 1)),
+        Outcome::Success,
+        "only 500 fails"
+    );
+    assert_eq!(
+        lenient.classify(&c, upstream(500, 1)),
+        Outcome::Failure { slow: false }
+    );
 }
 
 #[test]
@@ -339,7 +426,10 @@ fn header_scope_keeps_tenants_apart_and_skips_requests_without_it() {
     for i in 0..10 {
         assert!(passed(&call(&cb, &s, tenant("good"), T0 + 10 + i, 200, 1)));
     }
-    assert_eq!(cb.check(&mut FakeRequest::new(), &s, T0 + 20), Verdict::NoRule);
+    assert_eq!(
+        cb.check(&mut FakeRequest::new(), &s, T0 + 20),
+        Verdict::NoRule
+    );
     let summary = cb.config.rules[0].table.summary(&s);
     assert_eq!((summary.open, summary.half_open), (1, 0));
 }
@@ -363,7 +453,9 @@ fn a_flood_of_header_values_stays_within_max_breakers() {
     assert!(overflowed > 4900, "{overflowed}");
     // An hour later the old breakers are idle: new tenants get slots again.
     let mut req = FakeRequest::new().with_header("x-tenant", "newcomer");
-    let Verdict::Pass { call, .. } = cb.check(&mut req, &s, T0 + 3600 * SEC) else { panic!() };
+    let Verdict::Pass { call, .. } = cb.check(&mut req, &s, T0 + 3600 * SEC) else {
+        panic!()
+    };
     assert_ne!(call.slot, Slot::Overflow);
 }
 
@@ -373,10 +465,22 @@ fn overflowed_tenants_share_one_breaker() {
         r#"{"rules": [{"name": "t", "scope": {"header": "x-tenant"}, "max_breakers": 1, "consecutive_failures": 1}]}"#,
     );
     let tenant = |t: &str| FakeRequest::new().with_header("x-tenant", t);
-    assert!(passed(&call(&cb, &s, tenant("a"), T0, 200, 1)), "a takes the only slot");
-    assert!(passed(&call(&cb, &s, tenant("b"), T0 + 1, 500, 1)), "b overflows and fails");
-    assert!(!passed(&call(&cb, &s, tenant("c"), T0 + 2, 200, 1)), "c shares b's breaker");
-    assert!(passed(&call(&cb, &s, tenant("a"), T0 + 3, 200, 1)), "a has its own");
+    assert!(
+        passed(&call(&cb, &s, tenant("a"), T0, 200, 1)),
+        "a takes the only slot"
+    );
+    assert!(
+        passed(&call(&cb, &s, tenant("b"), T0 + 1, 500, 1)),
+        "b overflows and fails"
+    );
+    assert!(
+        !passed(&call(&cb, &s, tenant("c"), T0 + 2, 200, 1)),
+        "c shares b's breaker"
+    );
+    assert!(
+        passed(&call(&cb, &s, tenant("a"), T0 + 3, 200, 1)),
+        "a has its own"
+    );
 }
 
 #[test]
@@ -392,7 +496,10 @@ fn cluster_scope_publishes_its_state_for_lb_hints() {
     // The probe succeeds: closed again, published.
     assert!(passed(&call(&cb, &s, cluster("v2"), T0 + 11 * SEC, 200, 1)));
     let status = s.get(&circuit::status_key("v2")).unwrap().0;
-    assert_eq!(CircuitStatus::decode(&status).unwrap().state, CircuitState::Closed);
+    assert_eq!(
+        CircuitStatus::decode(&status).unwrap().state,
+        CircuitState::Closed
+    );
 }
 
 #[test]
@@ -412,11 +519,23 @@ fn the_rule_gauge_shows_the_worst_state() {
     let table = &cb.config.rules[0].table;
     call(&cb, &s, tenant("a"), T0, 500, 1);
     call(&cb, &s, tenant("b"), T0 + 5 * SEC, 500, 1);
-    assert_eq!(table.summary(&s), Summary { open: 2, half_open: 0 });
+    assert_eq!(
+        table.summary(&s),
+        Summary {
+            open: 2,
+            half_open: 0
+        }
+    );
     // a goes half-open (its probe is in flight); b is still open: worst is open.
     let probe = cb.check(&mut tenant("a"), &s, T0 + 11 * SEC);
     cb.apply(&s, probe.change().unwrap());
-    assert_eq!(table.summary(&s), Summary { open: 1, half_open: 1 });
+    assert_eq!(
+        table.summary(&s),
+        Summary {
+            open: 1,
+            half_open: 1
+        }
+    );
     assert_eq!(table.summary(&s).worst(), CircuitState::Open);
     call(&cb, &s, tenant("b"), T0 + 16 * SEC, 200, 1);
     assert_eq!(table.summary(&s).worst(), CircuitState::HalfOpen);
@@ -434,7 +553,9 @@ fn concurrent_workers_admit_exactly_the_probes() {
                 let (cb, s, barrier) = (cb.clone(), s.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    (0..5).filter(|_| passed(&cb.check(&mut route("payments"), &*s, after))).count()
+                    (0..5)
+                        .filter(|_| passed(&cb.check(&mut route("payments"), &*s, after)))
+                        .count()
                 })
             })
             .collect();

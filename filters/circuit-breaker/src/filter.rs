@@ -1,0 +1,265 @@
+//! The proxy-wasm adapter: the root context compiles the configuration once,
+//! the http context asks the core, answers locally while a breaker is open,
+//! and reports each call's outcome.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use mesh_shared::circuit::CircuitState;
+use mesh_shared::clock::Clock;
+use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
+use mesh_shared::stats::stat_name;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use crate::{Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Verdict};
+
+const FILTER: &str = "circuit-breaker";
+
+proxy_wasm::main! {{
+    host::install_panic_hook(FILTER);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
+}}
+
+/// Stat ids of one rule, defined once at configure time.
+struct RuleStats {
+    state: Metric,
+    open_breakers: Metric,
+    opened: Metric,
+    rejected: Metric,
+    success: Metric,
+    failure: Metric,
+    slow: Metric,
+    overflow: Metric,
+}
+
+impl RuleStats {
+    fn define(rule: &str) -> RuleStats {
+        let tags = [("rule", rule)];
+        let calls = |outcome: &str| {
+            Metric::counter(&stat_name(
+                "mesh_circuit_calls_total",
+                &[("rule", rule), ("outcome", outcome)],
+            ))
+        };
+        RuleStats {
+            state: Metric::gauge(&stat_name("mesh_circuit_state", &tags)),
+            open_breakers: Metric::gauge(&stat_name("mesh_circuit_open_breakers", &tags)),
+            opened: Metric::counter(&stat_name("mesh_circuit_opened_total", &tags)),
+            rejected: Metric::counter(&stat_name("mesh_circuit_rejected_total", &tags)),
+            success: calls("success"),
+            failure: calls("failure"),
+            slow: calls("slow"),
+            overflow: Metric::counter(&stat_name("mesh_circuit_overflow_total", &tags)),
+        }
+    }
+
+    fn show(&self, summary: Summary) {
+        self.state.record(summary.worst() as u64);
+        self.open_breakers.record(u64::from(summary.open));
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let metric = match outcome {
+            Outcome::Success => self.success,
+            Outcome::Slow => self.slow,
+            Outcome::Failure { .. } => self.failure,
+            Outcome::Ignored => return,
+        };
+        metric.add(1);
+    }
+}
+
+struct State {
+    breaker: CircuitBreaker,
+    stats: Vec<RuleStats>,
+}
+
+impl State {
+    /// Books a state change: summary, published cluster status, stats.
+    fn report(&self, change: &Change) {
+        let summary = self.breaker.apply(&HostStore, change);
+        let Some(stats) = self.stats.get(change.rule) else {
+            return;
+        };
+        if change
+            .transition
+            .is_some_and(|t| t.to() == CircuitState::Open)
+        {
+            stats.opened.add(1);
+        }
+        if let Some(summary) = summary {
+            stats.show(summary);
+        }
+    }
+
+    /// Refreshes every rule's gauges from shared data.
+    fn show_all(&self) {
+        for (rule, stats) in self.breaker.config.rules.iter().zip(&self.stats) {
+            stats.show(rule.table.summary(&HostStore));
+        }
+    }
+}
+
+struct Root {
+    state: Option<Rc<State>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let scope = host::property(&["plugin_name"])
+            .and_then(|n| String::from_utf8(n).ok())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| FILTER.to_string());
+        let config = match Config::parse(&host::plugin_configuration(), &scope) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("{FILTER}: {e}"));
+                return false;
+            }
+        };
+        let breaker = CircuitBreaker::new(config);
+        breaker.create_tables(&HostStore, HostClock.now_nanos());
+        let stats = breaker
+            .config
+            .rules
+            .iter()
+            .map(|r| RuleStats::define(&r.name))
+            .collect();
+        let state = State { breaker, stats };
+        state.show_all();
+        host::log(
+            LogLevel::Info,
+            &format!(
+                "{FILTER}: configured {} rule(s)",
+                state.breaker.config.rules.len()
+            ),
+        );
+        self.state = Some(Rc::new(state));
+        // Gauges are set by whichever worker changes a breaker; the tick
+        // repairs the rare case of two workers setting them out of order.
+        self.set_tick_period(Duration::from_secs(1));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(state) = &self.state {
+            state.show_all();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let state = Rc::clone(self.state.as_ref()?);
+        Some(Box::new(Http {
+            state,
+            call: None,
+            replied: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    state: Rc<State>,
+    /// The call let through, until its outcome is recorded.
+    call: Option<Call>,
+    /// We answered locally; Envoy still runs our response callbacks for it.
+    replied: bool,
+}
+
+impl Http {
+    fn finish(&mut self, response_headers_seen: bool) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        let state = &self.state;
+        let now = HostClock.now_nanos();
+        let details = host::property(&["response", "code_details"]);
+        let response = Response {
+            code: host::response_code(),
+            details: details.as_deref(),
+            duration_nanos: response_headers_seen.then(|| now.saturating_sub(call.started)),
+        };
+        let outcome = state.breaker.classify(&call, response);
+        if details.as_deref() != Some(b"via_upstream") {
+            // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
+            host::log(
+                LogLevel::Debug,
+                &format!(
+                    "{FILTER}: no upstream status: code {}, details \"{}\", response headers {}: {}",
+                    response.code.unwrap_or(0),
+                    String::from_utf8_lossy(details.as_deref().unwrap_or_default()),
+                    response_headers_seen,
+                    outcome.label().unwrap_or("ignored")
+                ),
+            );
+        }
+        if let Some(stats) = state.stats.get(call.rule) {
+            stats.count(outcome);
+        }
+        if let Some(change) = state.breaker.finish(&HostStore, &call, outcome, now) {
+            state.report(&change);
+        }
+    }
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_log(&mut self) {
+        // The stream ended without response headers (a reset, or the client left).
+        self.finish(false);
+    }
+
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let state = &self.state;
+        let verdict =
+            state
+                .breaker
+                .check(&mut HostRequest::new(), &HostStore, HostClock.now_nanos());
+        if let Some(change) = verdict.change() {
+            state.report(change);
+        }
+        match verdict {
+            Verdict::Pass { call, .. } => {
+                if call.slot == Slot::Overflow {
+                    if let Some(stats) = state.stats.get(call.rule) {
+                        stats.overflow.add(1);
+                    }
+                }
+                self.call = Some(call);
+                Action::Continue
+            }
+            Verdict::Reject {
+                rule,
+                state: circuit,
+                retry_after_secs,
+                ..
+            } => {
+                if let Some(stats) = state.stats.get(rule) {
+                    stats.rejected.add(1);
+                }
+                let headers = CircuitBreaker::reject_headers(circuit, retry_after_secs);
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                let response = &state.breaker.config.response;
+                host::send_local_reply(response.status, &headers, response.body.as_bytes());
+                self.replied = true;
+                Action::Pause
+            }
+            Verdict::NoRule | Verdict::FailedOpen { .. } => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if !self.replied {
+            self.finish(true);
+        }
+        Action::Continue
+    }
+}

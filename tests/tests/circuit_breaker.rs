@@ -1,0 +1,336 @@
+//! The circuit-breaker filter in a real Envoy (2 workers) in front of a real upstream.
+
+use std::time::{Duration, Instant};
+
+use mesh_testkit::http::{self, Client};
+use mesh_testkit::{concurrent_gets, Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
+
+/// Envoy with one circuit-breaker filter configured with `config`; routes
+/// `payments` (/payments), `timeout` (/timeout, route timeout 500ms) and
+/// `open` (everything else), all to one upstream.
+fn envoy_with(config: &str) -> (Envoy, Upstream) {
+    let upstream = Upstream::start("backend");
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new("circuit-breaker", config))
+            .route("payments", "/payments", "backend")
+            .route_with("timeout", "/timeout", "backend", r#""timeout": "0.5s""#)
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port())
+            .yaml(),
+    );
+    (envoy, upstream)
+}
+
+fn failing() -> Behaviour {
+    Behaviour {
+        status: 503,
+        ..Behaviour::default()
+    }
+}
+
+/// The local answer of an open breaker, as a client sees it.
+fn is_circuit_open(r: &http::Response) -> bool {
+    r.status == 503
+        && r.header("x-mesh-circuit") == Some("open")
+        && r.body_text() == "circuit open\n"
+}
+
+fn from_upstream(r: &http::Response) -> bool {
+    r.header("x-served-by") == Some("backend") && r.header("x-mesh-circuit").is_none()
+}
+
+fn metric(envoy: &Envoy, name: &str, rule: &str) -> Option<f64> {
+    envoy.metric(name, &[("rule", rule)])
+}
+
+fn calls(envoy: &Envoy, rule: &str, outcome: &str) -> Option<f64> {
+    envoy.metric(
+        "mesh_circuit_calls_total",
+        &[("rule", rule), ("outcome", outcome)],
+    )
+}
+
+/// Waits (polling, up to a generous minute) until `condition` holds.
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const PAYMENTS: &str = r#"{"rules": [{
+    "name": "payments", "match": {"route": "payments"},
+    "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
+    "open_for": "1h", "half_open_calls": 3}]}"#;
+
+#[test]
+fn a_failing_upstream_opens_the_breaker_and_the_next_100_never_reach_it() {
+    let (envoy, upstream) = envoy_with(PAYMENTS);
+    upstream.set_behaviour(failing());
+    let mut c = Client::new(envoy.port());
+    for i in 0..10 {
+        let r = c.get("/payments/charge", &[]).unwrap();
+        assert!(from_upstream(&r) && r.status == 503, "call {i}: {r:?}");
+    }
+    assert_eq!(upstream.requests(), 10);
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(1.0));
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_opened_total", "payments"),
+        Some(1.0)
+    );
+    assert_eq!(calls(&envoy, "payments", "failure"), Some(10.0));
+
+    let responses = concurrent_gets(envoy.port(), "/payments/charge", &[], 10, 100);
+    assert_eq!(responses.len(), 100);
+    for r in &responses {
+        let r = r.as_ref().unwrap();
+        assert!(is_circuit_open(r), "{r:?}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((3000..=3600).contains(&retry), "retry-after {retry}");
+    }
+    assert_eq!(
+        upstream.requests(),
+        10,
+        "the upstream must see nothing while open"
+    );
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_rejected_total", "payments"),
+        Some(100.0)
+    );
+    assert_eq!(calls(&envoy, "payments", "failure"), Some(10.0));
+}
+
+/// Opens the breaker of route `payments` (10 upstream failures), then waits
+/// out `open_for` (2s) with the upstream answering 200 after `delay`.
+fn open_then_wait(envoy: &Envoy, upstream: &Upstream, delay: Duration) {
+    upstream.set_behaviour(failing());
+    let mut c = Client::new(envoy.port());
+    for _ in 0..10 {
+        assert_eq!(c.get("/payments", &[]).unwrap().status, 503);
+    }
+    assert!(is_circuit_open(&c.get("/payments", &[]).unwrap()));
+    upstream.set_behaviour(Behaviour {
+        delay,
+        ..Behaviour::default()
+    });
+    // open_for is 2s; the breaker stays open until a request comes after it.
+    std::thread::sleep(Duration::from_secs(3));
+}
+
+const PROBING: &str = r#"{"rules": [{
+    "name": "payments", "match": {"route": "payments"},
+    "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
+    "open_for": "2s", "half_open_calls": 3}]}"#;
+
+#[test]
+fn half_open_lets_exactly_the_probes_through_then_closes_when_they_succeed() {
+    let (envoy, upstream) = envoy_with(PROBING);
+    // The probes take 3s, so all 20 requests arrive while they are in flight.
+    open_then_wait(&envoy, &upstream, Duration::from_secs(3));
+    let before = upstream.requests();
+    let responses = concurrent_gets(envoy.port(), "/payments", &[], 20, 20);
+    let responses: Vec<http::Response> = responses.into_iter().map(Result::unwrap).collect();
+    let probes = responses
+        .iter()
+        .filter(|r| from_upstream(r) && r.status == 200)
+        .count();
+    let rejected = responses
+        .iter()
+        .filter(|r| r.status == 503 && r.header("x-mesh-circuit").is_some())
+        .count();
+    assert_eq!((probes, rejected), (3, 17), "{responses:?}");
+    assert_eq!(upstream.requests() - before, 3);
+    // All three succeeded: closed, and traffic flows.
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(0.0));
+    upstream.set_behaviour(Behaviour::default());
+    let after = concurrent_gets(envoy.port(), "/payments", &[], 4, 40);
+    assert!(after.iter().all(|r| r
+        .as_ref()
+        .is_ok_and(|r| from_upstream(r) && r.status == 200)));
+    assert_eq!(upstream.requests() - before, 43);
+}
+
+#[test]
+fn one_failed_probe_opens_the_breaker_again() {
+    let (envoy, upstream) = envoy_with(PROBING);
+    open_then_wait(&envoy, &upstream, Duration::ZERO);
+    let mut c = Client::new(envoy.port());
+    let before = upstream.requests();
+    let probe = c.get("/payments", &[("x-upstream-status", "500")]).unwrap();
+    assert!(from_upstream(&probe) && probe.status == 500, "{probe:?}");
+    for _ in 0..20 {
+        let r = c.get("/payments", &[]).unwrap();
+        assert!(is_circuit_open(&r), "{r:?}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=2).contains(&retry), "retry-after {retry}");
+    }
+    assert_eq!(upstream.requests() - before, 1);
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_opened_total", "payments"),
+        Some(2.0)
+    );
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(1.0));
+}
+
+#[test]
+fn upstream_resets_and_route_timeouts_count_as_failures() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [
+            {"name": "resets", "match": {"route": "payments"}, "consecutive_failures": 2, "open_for": "1h"},
+            {"name": "timeouts", "match": {"route": "timeout"}, "consecutive_failures": 2, "open_for": "1h"}]}"#,
+    );
+    let mut c = Client::new(envoy.port());
+    for _ in 0..2 {
+        let r = c.get("/payments", &[("x-upstream-reset", "1")]).unwrap();
+        assert_eq!(r.status, 503, "Envoy answers a reset with 503: {r:?}");
+        assert!(r.header("x-mesh-circuit").is_none());
+    }
+    assert!(is_circuit_open(&c.get("/payments", &[]).unwrap()));
+    assert_eq!(calls(&envoy, "resets", "failure"), Some(2.0));
+
+    // The route timeout is 500ms; the upstream takes 3s.
+    for _ in 0..2 {
+        let r = c
+            .get("/timeout", &[("x-upstream-delay-ms", "3000")])
+            .unwrap();
+        assert_eq!(r.status, 504, "{r:?}");
+    }
+    assert!(is_circuit_open(&c.get("/timeout", &[]).unwrap()));
+    assert_eq!(calls(&envoy, "timeouts", "failure"), Some(2.0));
+    assert_eq!(upstream.requests(), 4);
+}
+
+#[test]
+fn a_slow_upstream_trips_the_slow_call_rule() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "slow", "window": {"kind": "count", "size": 4}, "minimum_calls": 4,
+            "slow_call": {"duration": "200ms", "rate_percent": 100}, "open_for": "1h"}]}"#,
+    );
+    upstream.set_behaviour(Behaviour {
+        delay: Duration::from_millis(400),
+        ..Behaviour::default()
+    });
+    let mut c = Client::new(envoy.port());
+    for _ in 0..4 {
+        let r = c.get("/anything", &[]).unwrap();
+        assert!(from_upstream(&r) && r.status == 200, "{r:?}");
+    }
+    assert!(is_circuit_open(&c.get("/anything", &[]).unwrap()));
+    assert_eq!(calls(&envoy, "slow", "slow"), Some(4.0));
+    assert_eq!(calls(&envoy, "slow", "failure"), Some(0.0));
+    assert_eq!(upstream.requests(), 4);
+}
+
+#[test]
+fn header_scope_keeps_tenants_apart() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "tenants", "scope": {"header": "x-tenant"}, "consecutive_failures": 2, "open_for": "1h"}]}"#,
+    );
+    let mut c = Client::new(envoy.port());
+    for _ in 0..2 {
+        let r = c
+            .get("/", &[("x-tenant", "bad"), ("x-upstream-status", "500")])
+            .unwrap();
+        assert!(from_upstream(&r) && r.status == 500);
+    }
+    assert!(is_circuit_open(
+        &c.get("/", &[("x-tenant", "bad")]).unwrap()
+    ));
+    let good = concurrent_gets(envoy.port(), "/", &[("x-tenant", "good")], 4, 40);
+    assert!(good.iter().all(|r| r
+        .as_ref()
+        .is_ok_and(|r| from_upstream(r) && r.status == 200)));
+    // Requests without the header are not subject to the rule.
+    assert!(from_upstream(&c.get("/", &[]).unwrap()));
+    assert_eq!(upstream.requests(), 43);
+    // One of the rule's breakers is open: the rule's state gauge shows the worst.
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "tenants"), Some(1.0));
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_open_breakers", "tenants"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_route_without_a_rule_is_untouched() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "payments", "match": {"route": "payments"}, "consecutive_failures": 1, "open_for": "1h"}]}"#,
+    );
+    upstream.set_behaviour(failing());
+    let responses = concurrent_gets(envoy.port(), "/catalog", &[], 4, 50);
+    assert!(responses.iter().all(|r| r
+        .as_ref()
+        .is_ok_and(|r| from_upstream(r) && r.status == 503)));
+    assert_eq!(upstream.requests(), 50);
+    assert_eq!(calls(&envoy, "payments", "failure"), Some(0.0));
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(0.0));
+}
+
+#[test]
+fn the_state_gauge_follows_the_breaker_through_half_open() {
+    let (envoy, upstream) = envoy_with(PROBING);
+    open_then_wait(&envoy, &upstream, Duration::from_secs(2));
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(1.0));
+    // A probe in flight: half-open until it answers.
+    let port = envoy.port();
+    let probe = std::thread::spawn(move || http::get(port, "/payments", &[]).unwrap());
+    wait_until("the probe reaches the upstream", || {
+        upstream.in_flight() == 1
+    });
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(2.0));
+    assert_eq!(probe.join().unwrap().status, 200);
+}
+
+#[test]
+fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
+    let cases = [
+        (
+            r#"{"rules": [{"name": "a", "open_for": "soon"}]}"#,
+            r#"circuit-breaker: rules[0].open_for: expected a duration like "1s", got "soon""#,
+        ),
+        (
+            r#"{"rules": [{"name": "a", "window": {"kind": "count", "size": 0}}]}"#,
+            "circuit-breaker: rules[0].window.size: expected an integer from 1 to 1000, got 0",
+        ),
+        (
+            r#"{"rules": [{"name": "a", "failure_when": {"statuses": ["9xx"]}}]}"#,
+            r#"circuit-breaker: rules[0].failure_when.statuses[0]: expected a status class like "5xx" or a status from 100 to 599, got "9xx""#,
+        ),
+    ];
+    for (config, expected) in cases {
+        let upstream = Upstream::start("backend");
+        let failure = Envoy::start_with(
+            &Bootstrap::new()
+                .wasm(WasmFilter::new("circuit-breaker", config))
+                .route("open", "/", "backend")
+                .cluster("backend", upstream.port())
+                .yaml(),
+            2,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
+        let error_lines: Vec<&str> = failure
+            .log
+            .lines()
+            .filter(|l| l.contains("circuit-breaker: ") && l.contains("[error]"))
+            .collect();
+        assert_eq!(
+            error_lines.len(),
+            1,
+            "one error line expected; log:\n{}",
+            failure.log
+        );
+        assert!(
+            error_lines[0].ends_with(expected),
+            "got: {}\nwanted the line to end with: {expected}",
+            error_lines[0]
+        );
+        assert!(
+            failure.status.is_some_and(|s| !s.success()),
+            "{:?}",
+            failure.status
+        );
+    }
+}
