@@ -101,3 +101,47 @@ fn the_demo_runs_and_shows_each_filter_working() {
     );
     assert!(!report.summary.is_empty());
 }
+
+/// No Docker engine runs on our machines, so the compose file is checked as
+/// far as a client can: docker-compose parses it, it mounts exactly the demo
+/// config and filters the tests run, and its image is the Envoy version the
+/// tests use.
+#[test]
+fn docker_compose_runs_the_tested_demo_config_and_envoy_version() {
+    let compose = mesh_testkit::debian::ensure("docker-compose", "docker-compose").unwrap();
+    let out = std::process::Command::new(compose)
+        .args(["-f", "envoy/docker-compose.yaml", "config"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = repo_root().display().to_string();
+    for expected in [
+        format!("{root}/dist:/mesh/dist:ro"),
+        format!("{root}/envoy/demo.yaml:/mesh/envoy/demo.yaml:ro"),
+        "- /mesh/envoy/demo.yaml".to_string(),
+        "network_mode: host".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+    let version = std::process::Command::new(mesh_testkit::envoy_binary().unwrap())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    // "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    let release = version
+        .split("version: ")
+        .nth(1)
+        .and_then(|v| v.split('/').nth(1))
+        .unwrap_or_default();
+    assert!(
+        text.contains(&format!("image: envoyproxy/envoy:v{release}")),
+        "the compose image should be the Envoy the tests run ({release}):\n{text}"
+    );
+}

@@ -39,3 +39,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
         std::thread::park();
     }
 }
+
+/// The demo's upstreams alone, for running Envoy yourself (docker compose, func-e).
+pub fn upstreams() -> Result<(), String> {
+    use mesh_testkit::demo::{UPSTREAM_V1, UPSTREAM_V2};
+    let _v1 = mesh_testkit::Upstream::start_on("v1", UPSTREAM_V1)
+        .map_err(|e| format!(":{UPSTREAM_V1}: {e}"))?;
+    let _v2 = mesh_testkit::Upstream::start_on("v2", UPSTREAM_V2)
+        .map_err(|e| format!(":{UPSTREAM_V2}: {e}"))?;
+    println!("upstreams v1 on 127.0.0.1:{UPSTREAM_V1} and v2 on 127.0.0.1:{UPSTREAM_V2}; Ctrl-C stops them");
+    loop {
+        std::thread::park();
+    }
+}

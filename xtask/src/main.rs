@@ -5,6 +5,7 @@
 //!   demo    build, start Envoy with all filters in front of two upstreams, show them work
 //!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
 //!   push    push the filters as OCI images (README "OCI images")
+//!   upstreams  run the demo's upstreams v1 (:8081) and v2 (:8082) until Ctrl-C (for docker compose / func-e)
 //!   envoy   print the path of the Envoy binary the tests use (installing it if needed)
 
 mod bench;
@@ -26,8 +27,11 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("push") => oci::run(&args[1..]),
+        Some("upstreams") => demo::upstreams(),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
-        _ => Err("usage: cargo xtask build | test | demo | bench | push | envoy".to_string()),
+        _ => Err(
+            "usage: cargo xtask build | test | demo | bench | push | upstreams | envoy".to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
