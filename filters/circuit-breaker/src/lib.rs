@@ -20,7 +20,7 @@ use mesh_shared::{Request, SharedStore};
 
 pub use breaker::{Admit, Outcome, Transition};
 pub use config::{Config, Policy, Rule, Scope};
-pub use table::{Slot, Summary};
+pub use table::{Slot, Summary, Ticket};
 
 /// A call let through to the upstream; its outcome must be reported with [`CircuitBreaker::finish`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,9 +225,11 @@ impl CircuitBreaker {
             .record(
                 store,
                 &rule.policy,
-                call.slot,
-                call.key,
-                call.generation,
+                Ticket {
+                    slot: call.slot,
+                    key: call.key,
+                    generation: call.generation,
+                },
                 outcome,
                 now,
             )

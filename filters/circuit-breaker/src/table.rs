@@ -45,6 +45,14 @@ pub enum Slot {
     Overflow,
 }
 
+/// Which breaker a call belongs to, and in which of its generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub slot: Slot,
+    pub key: u64,
+    pub generation: u32,
+}
+
 /// What the table decided for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
@@ -245,25 +253,23 @@ impl BreakerTable {
         Ok(probe)
     }
 
-    /// Records the outcome of a call admitted as `admission`; returns the
-    /// transition it caused, if any.
+    /// Records the outcome of a call admitted into `slot` for `key` in
+    /// `generation`; returns the transition it caused, if any.
     pub fn record(
         &self,
         store: &dyn SharedStore,
         policy: &Policy,
-        slot: Slot,
-        key: u64,
-        generation: u32,
+        ticket: Ticket,
         outcome: Outcome,
         now: u64,
     ) -> Result<Option<Transition>, Exhausted> {
-        let (transition, _) = update(store, &self.key_of(slot), MAX_ATTEMPTS, |bytes| {
+        let (transition, _) = update(store, &self.key_of(ticket.slot), MAX_ATTEMPTS, |bytes| {
             let mut b = self.decode(bytes, now);
-            if b.key != key {
+            if b.key != ticket.key {
                 // The slot was given to another key since: the call is forgotten.
                 return Step::Keep(None);
             }
-            match b.record(policy, generation, outcome, now) {
+            match b.record(policy, ticket.generation, outcome, now) {
                 (true, t) => Step::Write(b.encode(), t),
                 (false, t) => Step::Keep(t),
             }
