@@ -334,3 +334,42 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         );
     }
 }
+
+#[test]
+fn a_probe_whose_client_goes_away_gives_its_permit_back() {
+    let (envoy, upstream) = envoy_with(
+        r#"{"rules": [{"name": "payments", "match": {"route": "payments"}, "consecutive_failures": 1,
+            "open_for": "2s", "half_open_calls": 1}]}"#,
+    );
+    upstream.set_behaviour(failing());
+    let mut c = Client::new(envoy.port());
+    assert!(from_upstream(&c.get("/payments", &[]).unwrap()));
+    assert!(is_circuit_open(&c.get("/payments", &[]).unwrap()));
+    upstream.set_behaviour(Behaviour::default());
+    std::thread::sleep(Duration::from_secs(3));
+    // The only probe: its client hangs up while the upstream is still working on it.
+    let mut gone = std::net::TcpStream::connect(("127.0.0.1", envoy.port())).unwrap();
+    std::io::Write::write_all(
+        &mut gone,
+        b"GET /payments HTTP/1.1\r\nhost: localhost\r\nx-upstream-delay-ms: 5000\r\n\r\n",
+    )
+    .unwrap();
+    wait_until("the probe reaches the upstream", || {
+        upstream.in_flight() == 1
+    });
+    let held = c.get("/payments", &[]).unwrap();
+    assert_eq!(held.header("x-mesh-circuit"), Some("half-open"), "{held:?}");
+    drop(gone);
+    // Not the upstream's fault: the permit comes back and the next request probes.
+    wait_until("a new probe is admitted", || {
+        let r = c.get("/payments", &[]).unwrap();
+        assert!(
+            r.header("x-mesh-circuit") == Some("half-open") || from_upstream(&r),
+            "{r:?}"
+        );
+        from_upstream(&r)
+    });
+    assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(0.0));
+    assert_eq!(calls(&envoy, "payments", "success"), Some(1.0));
+    assert_eq!(calls(&envoy, "payments", "failure"), Some(1.0));
+}
