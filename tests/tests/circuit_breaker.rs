@@ -373,3 +373,35 @@ fn a_probe_whose_client_goes_away_gives_its_permit_back() {
     assert_eq!(calls(&envoy, "payments", "success"), Some(1.0));
     assert_eq!(calls(&envoy, "payments", "failure"), Some(1.0));
 }
+
+#[test]
+fn cluster_scope_keeps_clusters_apart() {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new(
+                "circuit-breaker",
+                r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "consecutive_failures": 2, "open_for": "1h"}]}"#,
+            ))
+            .route("to-v1", "/v1", "v1")
+            .route("to-v2", "/v2", "v2")
+            .cluster("v1", v1.port())
+            .cluster("v2", v2.port())
+            .yaml(),
+    );
+    v2.set_behaviour(failing());
+    let mut c = Client::new(envoy.port());
+    for _ in 0..2 {
+        assert_eq!(c.get("/v2", &[]).unwrap().header("x-served-by"), Some("v2"));
+    }
+    assert!(is_circuit_open(&c.get("/v2", &[]).unwrap()));
+    for _ in 0..10 {
+        let r = c.get("/v1", &[]).unwrap();
+        assert_eq!((r.status, r.header("x-served-by")), (200, Some("v1")));
+    }
+    assert_eq!((v1.requests(), v2.requests()), (10, 2));
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_open_breakers", "per-cluster"),
+        Some(1.0)
+    );
+}
