@@ -15,18 +15,6 @@ use mesh_testkit::{concurrent_gets, debian, repo_root, Bootstrap, Envoy, Upstrea
 /// The duration buckets of the test config; the bootstrap gets the same ones.
 const BUCKETS: &str = "[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]";
 
-/// Metric names of the circuit-breaker and lb-hints filters, used by the
-/// dashboard and the alert rules but not produced in this test's Envoy: those
-/// filters were not built yet when this test was written. Their names are the
-/// ones their issues fixed; run those filters here once they exist.
-const NOT_YET_SCRAPED: &[&str] = &[
-    "mesh_circuit_state",
-    "mesh_circuit_opened_total",
-    "mesh_circuit_rejected_total",
-    "mesh_circuit_calls_total",
-    "mesh_lb_picks_total",
-];
-
 /// Adds `histogram_bucket_settings` for the duration histogram, as
 /// envoy/metrics.yaml does (a Wasm module cannot choose buckets).
 fn with_duration_buckets(yaml: &str) -> String {
@@ -336,7 +324,8 @@ fn url_encode(s: &str) -> String {
 /// A known mix of requests through metrics + ratelimit; the scrape must show
 /// exact counts per label set, histograms that agree, in-flight back at 0; a
 /// real Prometheus must see the same; the dashboard and alert rules must name
-/// only series this run produced, and each of their queries must run.
+/// only series this run produced (all four filters run in this Envoy), and
+/// each of their queries must run.
 #[test]
 fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
     const CONFIG: &str = r#"{"labels": {"status_code": true, "custom": [
@@ -344,6 +333,14 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
         "duration_buckets_ms": [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]}"#;
     const RATELIMIT: &str = r#"{"rules": [{"name": "other-limit", "match": {"route": "other"},
         "limit": {"requests": 2, "per": "1h"}}]}"#;
+    // The other two filters run for their series (defined at configure time);
+    // no request of this test matches their rules.
+    const CIRCUIT_BREAKER: &str = r#"{"rules": [{"name": "payments", "match": {"route": "payments"},
+        "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
+        "open_for": "10s", "half_open_calls": 3}]}"#;
+    const LB_HINTS: &str = r#"{"rules": [{"name": "reviews-canary", "match": {"route": "payments"},
+        "header": "x-mesh-target", "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}],
+        "algorithm": "weighted_round_robin"}]}"#;
     let backend = Upstream::start("backend");
     let backend2 = Upstream::start("backend2");
     let envoy = Envoy::start(&with_duration_buckets(
@@ -352,7 +349,10 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
             // First, so it also counts the ratelimit filter's local 429.
             .wasm(WasmFilter::new("metrics", CONFIG))
             .wasm(WasmFilter::new("ratelimit", RATELIMIT))
+            .wasm(WasmFilter::new("circuit-breaker", CIRCUIT_BREAKER))
+            .wasm(WasmFilter::new("lb-hints", LB_HINTS))
             .route("api", "/api", "backend")
+            .route("payments", "/payments", "backend")
             .route("slow", "/slow", "backend")
             .route("other", "/", "backend2")
             .cluster("backend", backend.port())
@@ -584,8 +584,8 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
         .unwrap();
     assert!(p50.len() == 1 && p50[0].1 >= 250.0, "{p50:?}");
 
-    // The dashboard and the alert rules name only series of this scrape
-    // (except the filters not built yet), and every query runs in Prometheus.
+    // The dashboard and the alert rules name only series of this scrape, and
+    // every query runs in Prometheus.
     let scraped = sample_names(&text);
     for (source, queries) in [
         ("grafana-dashboard.json", grafana_queries()),
@@ -596,7 +596,7 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
             assert!(!names.is_empty(), "{source}: no mesh_ series in {query}");
             for name in names {
                 assert!(
-                    scraped.contains(&name) || NOT_YET_SCRAPED.contains(&name.as_str()),
+                    scraped.contains(&name),
                     "{source}: {name} is not in Envoy's /stats/prometheus (query: {query})"
                 );
             }
