@@ -501,3 +501,109 @@ fn the_example_config_validates() {
         mesh_testkit::envoy::validate(std::path::Path::new("envoy/lb-hints.yaml")).unwrap();
     assert!(ok, "{output}");
 }
+
+/// Envoy's CORS filter, which asks for the route in every request. After a
+/// Wasm filter clears the route cache, Envoy resolves the route again only
+/// when a filter asks for it (the router does); until then later Wasm filters
+/// read the old route's `xds.cluster_name` (probed in Envoy 1.40: with the
+/// fallback route to v1, the breaker counted v2's failures as v1's; with a
+/// direct-response fallback it saw no cluster at all).
+const ROUTE_REFRESH: &str = r#"{"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}"#;
+
+#[test]
+fn with_the_circuit_breaker_tripping_v2_everything_goes_to_v1_until_it_closes() {
+    const OPEN_FOR: Duration = Duration::from_secs(6);
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    // Both filters in one vm_id (shared data is per vm_id). The breaker comes
+    // after lb-hints and a native filter that makes Envoy resolve the route
+    // again (see ROUTE_REFRESH), so it sees the cluster lb-hints routed to.
+    let envoy = Envoy::start(
+        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
+            .wasm(
+                WasmFilter::new(
+                    "lb-hints",
+                    r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
+                        "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 1}]}]}"#,
+                )
+                .vm_id("mesh-filters"),
+            )
+            .filter_json(ROUTE_REFRESH)
+            .wasm(
+                WasmFilter::new(
+                    "circuit-breaker",
+                    r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "window": {"kind": "count", "size": 10},
+                        "minimum_calls": 10, "consecutive_failures": 3, "open_for": "6s", "half_open_calls": 1}]}"#,
+                )
+                .vm_id("mesh-filters"),
+            )
+            .yaml(),
+    );
+    let mut client = Client::new(envoy.port());
+    v2.set_behaviour(Behaviour {
+        status: 500,
+        ..Behaviour::default()
+    });
+    // Weights 1:1 alternate, so v2's three failures in a row come within 6 requests.
+    let mut failures = 0;
+    let mut third_failure_sent = None;
+    for _ in 0..6 {
+        let sent = Instant::now();
+        if client.get("/", &[]).unwrap().status == 500 {
+            failures += 1;
+            if failures == 3 {
+                third_failure_sent = Some(sent);
+                break;
+            }
+        }
+    }
+    let opened_after = third_failure_sent.expect("v2 did not fail three times in six requests");
+    let v2_calls = v2.requests();
+    // The breaker opened while answering the third failure, so it stays open
+    // at least until `opened_after + OPEN_FOR`: every request answered before
+    // then must go to v1, and none may meet the breaker's local answer.
+    let mut while_open = 0;
+    loop {
+        let answer = client.get("/", &[]).unwrap();
+        if Instant::now() >= opened_after + OPEN_FOR {
+            break;
+        }
+        assert_eq!(
+            (answer.status, answer.header("x-served-by")),
+            (200, Some("v1")),
+            "while v2's breaker is open; stats:\n{}",
+            envoy
+                .prometheus()
+                .lines()
+                .filter(|l| l.contains("mesh_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        while_open += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(while_open >= 10, "only {while_open} requests while open");
+    assert_eq!(
+        v2.requests(),
+        v2_calls,
+        "v2 was called while its breaker was open"
+    );
+    assert_eq!(
+        envoy.metric("mesh_circuit_rejected_total", &[("rule", "per-cluster")]),
+        Some(0.0),
+        "lb-hints avoided v2, so the breaker never had to answer"
+    );
+    // v2 is healthy again: after open_for its share returns (the breaker's
+    // probe succeeds and it closes), and the 1:1 split is exact again.
+    v2.set_behaviour(Behaviour::default());
+    assert!(
+        requests_until_served_by(envoy.port(), "v2", 1000).is_some(),
+        "v2 never got traffic back"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while envoy.metric("mesh_circuit_state", &[("rule", "per-cluster")]) != Some(0.0) {
+        assert!(Instant::now() < deadline, "the breaker did not close");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = tally(&(0..20).map(|_| client.get("/", &[])).collect::<Vec<_>>());
+    assert_eq!((count(&t, "v1"), count(&t, "v2")), (10, 10), "{t:?}");
+}
