@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use crate::{cargo, run};
 
 pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+/// Test-only modules (never packaged, pushed or benchmarked), built with the
+/// filters so the integration tests find them in dist/.
+pub const TEST_MODULES: &[&str] = &["panic-probe"];
 const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 
@@ -22,14 +25,18 @@ pub enum Toolchain {
     Debian,
 }
 
-/// Builds every filter; returns the toolchain used.
+/// Builds every filter and test module; returns the toolchain used.
 pub fn build_all() -> Result<Toolchain, String> {
-    build(FILTERS)
+    let all: Vec<&str> = FILTERS.iter().chain(TEST_MODULES).copied().collect();
+    build(&all)
 }
 
 /// Builds the named filters (`cargo xtask build ratelimit` builds one).
 pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
-    if let Some(unknown) = filters.iter().find(|f| !FILTERS.contains(f)) {
+    if let Some(unknown) = filters
+        .iter()
+        .find(|f| !FILTERS.contains(f) && !TEST_MODULES.contains(f))
+    {
         return Err(format!(
             "unknown filter {unknown}; the filters are {}",
             FILTERS.join(", ")
