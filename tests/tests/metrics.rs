@@ -736,3 +736,33 @@ fn promtool_checks_and_tests_the_alert_rules() {
     run(&["check", "config", "prometheus.yml"]);
     run(&["test", "rules", "alerts.test.yml"]);
 }
+
+/// Istio gets the same labels: every stats tag of the suite is in both
+/// `extraStatTags` lists of istio/metrics-stats.yaml (mesh-wide and per pod).
+#[test]
+fn istio_extra_stat_tags_cover_every_label() {
+    let text = std::fs::read_to_string(repo_root().join("istio/metrics-stats.yaml")).unwrap();
+    let mut lines = text.lines().filter(|l| !l.trim_start().starts_with('#'));
+    lines
+        .find(|l| l.trim() == "extraStatTags:")
+        .expect("the meshConfig list");
+    let mesh_wide: Vec<&str> = lines
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let per_pod: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("extraStatTags: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .expect("the annotation list")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for tag in mesh_testkit::config::STAT_TAGS.iter().chain(&["tenant"]) {
+        assert!(
+            mesh_wide.contains(tag),
+            "meshConfig lacks {tag}: {mesh_wide:?}"
+        );
+        assert!(per_pod.contains(tag), "annotation lacks {tag}: {per_pod:?}");
+    }
+}
