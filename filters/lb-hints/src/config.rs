@@ -1,7 +1,7 @@
 //! The lb-hints configuration (see DESIGN.md) read into a compiled [`Config`].
 
 use mesh_shared::config::{parse_document, ConfigError, Node};
-use mesh_shared::hash::hash64;
+use mesh_shared::hash::KeyHasher;
 use mesh_shared::json::Value;
 use mesh_shared::{Matcher, Source};
 
@@ -295,16 +295,20 @@ fn parse_rule(node: &Node<'_>, index: usize, scope: &str) -> Result<Rule, Config
 
     // Shared counters are keyed by what gives them meaning, so a changed rule
     // starts fresh (and restarts its step schedule) instead of misreading old ones.
-    let mut identity = vec![name.clone(), (algorithm as u8).to_string()];
+    let mut identity = KeyHasher::new();
+    identity.part(name.as_bytes());
+    identity.part(&[algorithm as u8]);
     for t in &targets {
-        identity.push(format!("{}={}", t.name, t.cluster));
+        identity.part(t.name.as_bytes());
+        identity.part(t.cluster.as_bytes());
     }
     for s in &schedule {
-        let weights: Vec<String> = s.weights.iter().map(u32::to_string).collect();
-        identity.push(format!("{}:{}", s.after_nanos, weights.join(",")));
+        identity.part(&s.after_nanos.to_le_bytes());
+        for w in &s.weights {
+            identity.part(&w.to_le_bytes());
+        }
     }
-    let parts: Vec<&[u8]> = identity.iter().map(|p| p.as_bytes()).collect();
-    let key_prefix = format!("mesh.lb.{scope}.{index}.{:016x}.", hash64(&parts));
+    let key_prefix = format!("mesh.lb.{scope}.{index}.{:016x}.", identity.finish());
     Ok(Rule {
         name,
         matcher,
