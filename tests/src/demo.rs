@@ -22,6 +22,18 @@ pub struct Report {
     pub ratelimit_other_key: u16,
     /// `mesh_ratelimit_requests_total` as scraped: (decision, count).
     pub ratelimit_stats: Vec<(String, f64)>,
+    /// Failing calls to /payments before the breaker answered locally.
+    pub breaker_failures_before_open: usize,
+    /// Local answers while open: (status, `x-mesh-circuit`).
+    pub breaker_local_answers: Vec<(u16, String)>,
+    /// Requests v2 saw while the breaker was open (should be 0).
+    pub breaker_upstream_calls_while_open: u64,
+    /// Statuses after `open_for`, once the probes succeeded.
+    pub breaker_after_recovery: Vec<u16>,
+    /// 100 requests to /reviews: served by (v1, v2).
+    pub canary_split: (usize, usize),
+    /// `mesh_requests_total` per route as scraped.
+    pub metrics_requests: Vec<(String, f64)>,
     pub summary: Vec<String>,
 }
 
@@ -97,6 +109,13 @@ pub fn drive(demo: &Demo, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
         report.ratelimit_stats[0].1, report.ratelimit_stats[1].1
     ));
 
+    say("");
+    circuit_breaker(demo, &mut report, say)?;
+    say("");
+    lb_hints(demo, &mut report, say)?;
+    say("");
+    metrics(demo, &mut report, say);
+
     let allowed = report
         .ratelimit_statuses
         .iter()
@@ -106,5 +125,154 @@ pub fn drive(demo: &Demo, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
         "ratelimit        {allowed} of 8 allowed for one key, the rest answered 429; another key unaffected ({})",
         report.ratelimit_other_key
     ));
+    report.summary.push(format!(
+        "circuit-breaker  opened after {} failures; {} local 503s with x-mesh-circuit: open while v2 saw {} calls; closed again after open_for ({})",
+        report.breaker_failures_before_open,
+        report.breaker_local_answers.len(),
+        report.breaker_upstream_calls_while_open,
+        report.breaker_after_recovery.iter().map(u16::to_string).collect::<Vec<_>>().join(" ")
+    ));
+    report.summary.push(format!(
+        "lb-hints         100 requests to /reviews at 90/10: v1 served {}, v2 served {}",
+        report.canary_split.0, report.canary_split.1
+    ));
+    let total: f64 = report.metrics_requests.iter().map(|(_, v)| v).sum();
+    report.summary.push(format!(
+        "metrics          mesh_requests_total counted {total} requests over {} routes",
+        report.metrics_requests.len()
+    ));
     Ok(report)
+}
+
+fn circuit_breaker(
+    demo: &Demo,
+    report: &mut Report,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("request failed: {e}");
+    say("2. circuit-breaker: rule \"payments\" opens at 50% failures after 5 calls, for 3s, then probes twice");
+    let mut client = Client::new(demo.envoy.port());
+    let fail = [("x-upstream-status", "503")];
+    let mut statuses = Vec::new();
+    loop {
+        let r = client.get("/payments", &fail).map_err(io)?;
+        if r.header("x-mesh-circuit").is_some() {
+            break;
+        }
+        statuses.push(r.status);
+        if statuses.len() > 20 {
+            return Err("the breaker did not open after 20 failing calls".into());
+        }
+    }
+    report.breaker_failures_before_open = statuses.len();
+    say(&format!(
+        "   v2 told to fail:         {} (then the breaker opened)",
+        statuses
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let seen_before = demo.v2.requests();
+    for _ in 0..5 {
+        let r = client.get("/payments", &[]).map_err(io)?;
+        report.breaker_local_answers.push((
+            r.status,
+            r.header("x-mesh-circuit").unwrap_or("-").to_string(),
+        ));
+    }
+    report.breaker_upstream_calls_while_open = demo.v2.requests() - seen_before;
+    say(&format!(
+        "   while open, 5 requests:  {} x-mesh-circuit: {}; v2 saw {} of them",
+        report
+            .breaker_local_answers
+            .iter()
+            .map(|(s, _)| s.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        report
+            .breaker_local_answers
+            .first()
+            .map(|(_, c)| c.as_str())
+            .unwrap_or("-"),
+        report.breaker_upstream_calls_while_open
+    ));
+    say("   waiting for open_for (3s) to pass ...");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while report.breaker_after_recovery.len() < 4 {
+        let r = client.get("/payments", &[]).map_err(io)?;
+        if r.status == 200 || !report.breaker_after_recovery.is_empty() {
+            report.breaker_after_recovery.push(r.status);
+        } else if std::time::Instant::now() > deadline {
+            return Err("the breaker did not let probes through after open_for".into());
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+    say(&format!(
+        "   after open_for:          {} (2 probes succeeded: closed)",
+        report
+            .breaker_after_recovery
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    Ok(())
+}
+
+fn lb_hints(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) -> Result<(), String> {
+    say("3. lb-hints: rule \"reviews-canary\" sends 90% of /reviews to v1 and 10% to v2 (smooth weighted round robin)");
+    let mut client = Client::new(demo.envoy.port());
+    for _ in 0..100 {
+        let r = client
+            .get("/reviews", &[])
+            .map_err(|e| format!("request failed: {e}"))?;
+        match r.header("x-served-by") {
+            Some("v1") => report.canary_split.0 += 1,
+            Some("v2") => report.canary_split.1 += 1,
+            other => return Err(format!("/reviews answered {} from {other:?}", r.status)),
+        }
+    }
+    say(&format!(
+        "   100 requests:            v1 served {}, v2 served {}",
+        report.canary_split.0, report.canary_split.1
+    ));
+    let forced = client
+        .get("/reviews", &[("x-mesh-force-target", "v2")])
+        .map_err(|e| format!("request failed: {e}"))?;
+    say(&format!(
+        "   x-mesh-force-target: v2  served by {}",
+        forced.header("x-served-by").unwrap_or("-")
+    ));
+    Ok(())
+}
+
+fn metrics(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) {
+    say("4. metrics: RED metrics per route, method, status and cluster, from Envoy's /stats/prometheus");
+    let scrape = demo.envoy.prometheus();
+    let mut per_route: Vec<(String, f64)> = Vec::new();
+    for line in scrape
+        .lines()
+        .filter(|l| l.starts_with("mesh_requests_total{"))
+    {
+        let route = line
+            .split("route=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("-")
+            .to_string();
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        match per_route.iter_mut().find(|(r, _)| *r == route) {
+            Some((_, total)) => *total += value,
+            None => per_route.push((route, value)),
+        }
+        say(&format!("   {line}"));
+    }
+    report.metrics_requests = per_route;
 }

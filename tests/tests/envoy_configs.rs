@@ -99,7 +99,35 @@ fn the_demo_runs_and_shows_each_filter_working() {
         report.ratelimit_stats,
         [("allowed".to_string(), 6.0), ("limited".to_string(), 3.0)]
     );
-    assert!(!report.summary.is_empty());
+    assert_eq!(
+        report.breaker_failures_before_open, 5,
+        "minimum_calls 5 at 100% failures"
+    );
+    assert_eq!(
+        report.breaker_local_answers,
+        vec![(503, "open".to_string()); 5]
+    );
+    assert_eq!(report.breaker_upstream_calls_while_open, 0);
+    assert_eq!(
+        report.breaker_after_recovery, [200; 4],
+        "2 probes, then closed"
+    );
+    assert_eq!(
+        report.canary_split,
+        (90, 10),
+        "smooth WRR at 90/10 is exact"
+    );
+    let per_route: std::collections::HashMap<_, _> =
+        report.metrics_requests.iter().cloned().collect();
+    // 8 + 1 to /api; 100 + 1 forced to /reviews; /payments: 5 failures, 5 local
+    // answers, 4 after recovery, plus any local answers while waiting for open_for.
+    assert_eq!(per_route.get("api"), Some(&9.0), "{per_route:?}");
+    assert_eq!(per_route.get("reviews"), Some(&101.0), "{per_route:?}");
+    assert!(
+        per_route.get("payments").is_some_and(|n| *n >= 14.0),
+        "{per_route:?}"
+    );
+    assert_eq!(report.summary.len(), 4);
 }
 
 /// No Docker engine runs on our machines, so the compose file is checked as
