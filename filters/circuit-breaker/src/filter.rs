@@ -155,6 +155,7 @@ impl RootContext for Root {
         Some(Box::new(Http {
             state,
             call: None,
+            deferred: None,
             replied: false,
         }))
     }
@@ -168,24 +169,45 @@ struct Http {
     state: Rc<State>,
     /// The call let through, until its outcome is recorded.
     call: Option<Call>,
+    /// A `Verdict::Deferred` call (rule, start time), until it is settled.
+    deferred: Option<(usize, u64)>,
     /// We answered locally; Envoy still runs our response callbacks for it.
     replied: bool,
 }
 
 impl Http {
     fn finish(&mut self, response_headers_seen: bool) {
-        let Some(call) = self.call.take() else {
-            return;
+        let started = match (&self.call, self.deferred) {
+            (Some(call), _) => call.started,
+            (None, Some((_, started))) => started,
+            (None, None) => return,
         };
-        let state = &self.state;
+        let state = Rc::clone(&self.state);
         let now = HostClock.now_nanos();
         let details = host::property(&["response", "code_details"]);
         let response = Response {
             code: host::response_code(),
             details: details.as_deref(),
-            duration_nanos: response_headers_seen.then(|| now.saturating_sub(call.started)),
+            duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
         };
-        let outcome = state.breaker.classify(&call, response);
+        let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
+            (Some(call), _) => {
+                let outcome = state.breaker.classify(&call, response);
+                let change = state.breaker.finish(&HostStore, &call, outcome, now);
+                (call.rule, outcome, change.into_iter().collect())
+            }
+            (None, Some((rule, _))) => {
+                // The router has chosen the cluster by now.
+                let Some(cluster) = host::property(&["xds", "cluster_name"]) else {
+                    return;
+                };
+                let (outcome, changes) = state
+                    .breaker
+                    .settle(&HostStore, rule, &cluster, started, response, now);
+                (rule, outcome, changes)
+            }
+            (None, None) => return,
+        };
         if details.as_deref() != Some(b"via_upstream") {
             // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
             host::log(
@@ -199,11 +221,11 @@ impl Http {
                 ),
             );
         }
-        if let Some(stats) = state.stats.get(call.rule) {
+        if let Some(stats) = state.stats.get(rule) {
             stats.count(outcome);
         }
-        if let Some(change) = state.breaker.finish(&HostStore, &call, outcome, now) {
-            state.report(&change);
+        for change in &changes {
+            state.report(change);
         }
     }
 }
@@ -251,6 +273,10 @@ impl HttpContext for Http {
                 host::send_local_reply(response.status, &headers, response.body.as_bytes());
                 self.replied = true;
                 Action::Pause
+            }
+            Verdict::Deferred { rule, started } => {
+                self.deferred = Some((rule, started));
+                Action::Continue
             }
             Verdict::NoRule | Verdict::FailedOpen { .. } => Action::Continue,
         }

@@ -69,6 +69,11 @@ pub enum Verdict {
     },
     /// Shared data stayed contended past the retry budget: let it through untracked.
     FailedOpen { rule: usize },
+    /// A `scope: "cluster"` rule applies but the cluster is not known yet: a
+    /// filter before this one re-routed the request, and Envoy resolves the
+    /// new route only in the router. Let it through; [`CircuitBreaker::settle`]
+    /// books it under the cluster that served it.
+    Deferred { rule: usize, started: u64 },
 }
 
 impl Verdict {
@@ -130,6 +135,12 @@ impl CircuitBreaker {
             }
             let source = rule.scope.source();
             let Some(value) = source.read(req) else {
+                if rule.scope == Scope::Cluster {
+                    return Verdict::Deferred {
+                        rule: index,
+                        started: now,
+                    };
+                }
                 continue;
             };
             let cluster =
@@ -240,6 +251,58 @@ impl CircuitBreaker {
             evicted: None,
             cluster: call.cluster.clone(),
         })
+    }
+
+    /// Books a call of a [`Verdict::Deferred`] rule once the cluster that
+    /// served it is known: admits and records it at once. The breaker could
+    /// not stop the call, so a call it would have refused (open, or no
+    /// half-open permit left) is not counted; other filters (lb-hints with
+    /// `avoid_open_circuits`) steer around the published open state.
+    pub fn settle(
+        &self,
+        store: &dyn SharedStore,
+        rule_index: usize,
+        cluster: &[u8],
+        started: u64,
+        response: Response<'_>,
+        now: u64,
+    ) -> (Outcome, Vec<Change>) {
+        let mut changes = Vec::new();
+        let Some(rule) = self.config.rules.get(rule_index) else {
+            return (Outcome::Ignored, changes);
+        };
+        let Ok(adm) = rule
+            .table
+            .admit(store, &rule.policy, hash64(&[cluster]), started.max(now))
+        else {
+            return (Outcome::Ignored, changes);
+        };
+        let name =
+            (adm.slot != Slot::Overflow).then(|| String::from_utf8_lossy(cluster).into_owned());
+        let change = Change {
+            rule: rule_index,
+            transition: adm.transition,
+            evicted: adm.evicted,
+            cluster: name.clone(),
+        };
+        if !change.is_empty() {
+            changes.push(change);
+        }
+        let Admit::Call { generation, probe } = adm.admit else {
+            return (Outcome::Ignored, changes);
+        };
+        let call = Call {
+            rule: rule_index,
+            slot: adm.slot,
+            key: adm.key,
+            generation,
+            probe,
+            started,
+            cluster: name,
+        };
+        let outcome = self.classify(&call, response);
+        changes.extend(self.finish(store, &call, outcome, now));
+        (outcome, changes)
     }
 
     /// Books a change in the rule's summary and publishes a cluster breaker's

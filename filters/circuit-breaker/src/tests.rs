@@ -668,3 +668,39 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cluster_known_only_after_routing_is_settled_afterwards() {
+    let (cb, s) = breaker(
+        r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "consecutive_failures": 2, "open_for": "10s", "half_open_calls": 1}]}"#,
+    );
+    // A filter before re-routed the request: no cluster until the router runs.
+    assert_eq!(
+        cb.check(&mut FakeRequest::new(), &s, T0),
+        Verdict::Deferred {
+            rule: 0,
+            started: T0
+        }
+    );
+    let settle = |code: u32, at: u64| {
+        let (outcome, changes) = cb.settle(&s, 0, b"v2", at, upstream(code, 1), at + MS);
+        for c in &changes {
+            cb.apply(&s, c);
+        }
+        outcome
+    };
+    assert_eq!(settle(500, T0), Outcome::Failure { slow: false });
+    assert_eq!(settle(500, T0 + 1), Outcome::Failure { slow: false });
+    assert!(circuit::is_open(&s, "v2", T0 + SEC));
+    // A call that slipped through while open is not counted.
+    assert_eq!(settle(200, T0 + 2 * SEC), Outcome::Ignored);
+    assert!(circuit::is_open(&s, "v2", T0 + 3 * SEC));
+    // After open_for the first call is the probe; it succeeds: closed.
+    assert_eq!(settle(200, T0 + 11 * SEC), Outcome::Success);
+    let status = s.get(&circuit::status_key("v2")).unwrap().0;
+    assert_eq!(
+        CircuitStatus::decode(&status).unwrap().state,
+        CircuitState::Closed
+    );
+    assert_eq!(cb.config.rules[0].table.summary(&s), Summary::default());
+}
