@@ -189,6 +189,9 @@ fn grafana_queries() -> Vec<String> {
     queries
 }
 
+/// Label pairs and value of each sample of a query result.
+type QueryResult = Vec<(Vec<(String, String)>, f64)>;
+
 /// A real Prometheus scraping one Envoy's `/stats/prometheus` every second.
 struct Prometheus {
     child: Child,
@@ -244,7 +247,7 @@ impl Prometheus {
     }
 
     /// Runs an instant query; `Err` carries Prometheus's error.
-    fn query(&self, promql: &str) -> Result<Vec<(Vec<(String, String)>, f64)>, String> {
+    fn query(&self, promql: &str) -> Result<QueryResult, String> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
         let r = http::get(self.port, &path, &[]).map_err(|e| e.to_string())?;
         let doc = json::parse(&r.body).map_err(|e| format!("{e:?}: {}", r.body_text()))?;
@@ -378,7 +381,7 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
         "the held request in flight",
         Duration::from_secs(7),
         || match envoy.metric("mesh_requests_in_flight", &held_gauge) {
-            Some(v) if v == 1.0 => Ok(()),
+            Some(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     );
@@ -670,7 +673,7 @@ fn ten_thousand_label_values_stay_within_max_series() {
         admitted.len()
     );
     assert!(
-        admitted.len() >= 1 && admitted_gauges >= 1,
+        !admitted.is_empty() && admitted_gauges >= 1,
         "some label sets are admitted"
     );
     assert_eq!(overflow.len(), 1, "one overflow series");
