@@ -105,23 +105,38 @@ fn weighted_random_lands_within_a_binomial_bound() {
     assert!((69..=131).contains(&v2), "v2 served {v2} of 1000");
 }
 
-/// Which version each of `users` reaches, asking `times` times each; panics if
-/// a user reaches two versions.
+/// Which version each of `users` reaches, asking `times` times each (from 20
+/// connections at once); panics if a user reaches two versions.
 fn versions_of_users(port: u16, users: usize, times: usize) -> Vec<String> {
-    let mut client = Client::new(port);
-    (0..users)
-        .map(|u| {
-            let user = format!("user-{u}");
-            let seen: Vec<String> = (0..times)
-                .map(|_| served_by(&client.get("/", &[("x-user-id", &user)])).unwrap())
-                .collect();
-            assert!(
-                seen.iter().all(|v| *v == seen[0]),
-                "{user} reached {seen:?}"
-            );
-            seen[0].clone()
+    const CONNECTIONS: usize = 20;
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|first| {
+            std::thread::spawn(move || {
+                let mut client = Client::new(port);
+                (first..users)
+                    .step_by(CONNECTIONS)
+                    .map(|u| {
+                        let user = format!("user-{u}");
+                        let seen: Vec<String> = (0..times)
+                            .map(|_| served_by(&client.get("/", &[("x-user-id", &user)])).unwrap())
+                            .collect();
+                        assert!(
+                            seen.iter().all(|v| *v == seen[0]),
+                            "{user} reached {seen:?}"
+                        );
+                        (u, seen[0].clone())
+                    })
+                    .collect::<Vec<_>>()
+            })
         })
-        .collect()
+        .collect();
+    let mut found: Vec<(usize, String)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    found.sort();
+    assert_eq!(found.len(), users);
+    found.into_iter().map(|(_, v)| v).collect()
 }
 
 #[test]
