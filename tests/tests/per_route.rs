@@ -20,11 +20,11 @@ fn filter_config_disabled_switches_the_filter_off_on_one_route() {
     let envoy = Envoy::start(
         &Bootstrap::new()
             .wasm(WasmFilter::new("ratelimit", ONE_PER_HOUR))
-            .route_json(&format!(
-                r#"{{"name": "free", "match": {{"prefix": "/free"}}, "route": {{"cluster": "backend"}},
-                    "typed_per_filter_config": {{"ratelimit": {{
-                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}}}}}}"#
-            ))
+            .route_json(
+                r#"{"name": "free", "match": {"prefix": "/free"}, "route": {"cluster": "backend"},
+                    "typed_per_filter_config": {"ratelimit": {
+                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}}}"#,
+            )
             .route("limited", "/", "backend")
             .cluster("backend", upstream.port())
             .yaml(),
