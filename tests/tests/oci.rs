@@ -182,7 +182,7 @@ fn push_all_filters_in_three_formats_and_pull_them_back_by_digest() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = run(Command::new(cargo)
         .current_dir(repo_root())
-        .args(["run", "-q", "-p", "xtask", "--", "push"])
+        .args(["xtask", "push"])
         .arg(&prefix)
         .args(["--plain-http", "--no-build", "--tag", "test"])
         .args(["--format", "artifact,image,docker"]));
