@@ -769,3 +769,51 @@ fn istio_extra_stat_tags_cover_every_label() {
         assert!(per_pod.contains(tag), "annotation lacks {tag}: {per_pod:?}");
     }
 }
+
+/// Behind a filter that answers locally, the metrics filter never sees the
+/// request phase: the request is still counted once, with its labels read in
+/// the log phase, and no in-flight gauge is left up.
+#[test]
+fn a_local_reply_of_an_earlier_filter_is_counted_once() {
+    let backend = Upstream::start("backend");
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new(
+                "ratelimit",
+                r#"{"rules": [{"name": "one", "limit": {"requests": 1, "per": "1h"}}]}"#,
+            ))
+            .wasm(WasmFilter::new(
+                "metrics",
+                r#"{"labels": {"status_code": true}}"#,
+            ))
+            .route("api", "/", "backend")
+            .cluster("backend", backend.port())
+            .yaml(),
+    );
+    let mut c = Client::new(envoy.port());
+    assert_eq!(c.get("/", &[]).unwrap().status, 200);
+    assert_eq!(c.get("/", &[]).unwrap().status, 429);
+    let text = envoy.prometheus();
+    let labels = |code: &str, class: &str| -> BTreeMap<String, String> {
+        [
+            ("route", "api"),
+            ("method", "GET"),
+            ("cluster", "backend"),
+            ("response_code", code),
+            ("response_code_class", class),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    // In the log phase Envoy still gives the request headers and the route:
+    // the 429 gets the same request labels as the 200.
+    let mut requests = samples(&text, "mesh_requests_total");
+    requests.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        requests,
+        [(labels("200", "2xx"), 1.0), (labels("429", "4xx"), 1.0)]
+    );
+    let gauges = samples(&text, "mesh_requests_in_flight");
+    assert!(gauges.iter().all(|(_, v)| *v == 0.0), "{gauges:?}");
+}
