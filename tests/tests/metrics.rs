@@ -817,3 +817,48 @@ fn a_local_reply_of_an_earlier_filter_is_counted_once() {
     let gauges = samples(&text, "mesh_requests_in_flight");
     assert!(gauges.iter().all(|(_, v)| *v == 0.0), "{gauges:?}");
 }
+
+/// A client that hangs up before the answer: the request leaves the
+/// in-flight gauge and is counted with the status `none`.
+#[test]
+fn a_client_that_hangs_up_leaves_nothing_in_flight() {
+    use std::io::Write;
+    let backend = Upstream::start("backend");
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new(
+                "metrics",
+                r#"{"labels": {"status_code": true}}"#,
+            ))
+            .route("api", "/", "backend")
+            .cluster("backend", backend.port())
+            .yaml(),
+    );
+    let gauge = [("route", "api"), ("method", "GET"), ("cluster", "backend")];
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", envoy.port())).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nx-upstream-delay-ms: 10000\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the request in flight",
+        Duration::from_secs(30),
+        || match envoy.metric("mesh_requests_in_flight", &gauge) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    drop(conn);
+    let text = wait_for("the gauge back at 0", Duration::from_secs(30), || {
+        let text = envoy.prometheus();
+        match value_of(&text, "mesh_requests_in_flight", &gauge) {
+            Some(0.0) => Ok(text),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let requests = samples(&text, "mesh_requests_total");
+    let labels: BTreeMap<String, String> = gauge
+        .iter()
+        .chain(&[("response_code", "none"), ("response_code_class", "none")])
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(requests, [(labels, 1.0)]);
+}
