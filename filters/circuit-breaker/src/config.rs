@@ -178,13 +178,13 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// A duration above zero and at most `max`.
-fn bounded_duration(node: &Node<'_>, max: Duration, max_text: &str) -> Result<u64, ConfigError> {
+fn bounded_duration(node: &Node<'_>, max: Duration, too_long: &str) -> Result<u64, ConfigError> {
     let d = node.duration()?;
     if d.is_zero() {
         return Err(node.error("must be longer than 0s"));
     }
     if d > max {
-        return Err(node.error(format!("must be at most {max_text}")));
+        return Err(node.error(too_long));
     }
     Ok(nanos(d))
 }
@@ -231,7 +231,7 @@ fn parse_rule(
         None => 0,
     };
     let open_for_nanos = match f.optional("open_for") {
-        Some(n) => bounded_duration(&n, Duration::from_secs(86_400), "1 day")?,
+        Some(n) => bounded_duration(&n, Duration::from_secs(86_400), "must be at most 1 day")?,
         None => 60 * NANOS_PER_SEC,
     };
     let half_open_calls = match f.optional("half_open_calls") {
@@ -331,7 +331,7 @@ fn parse_window(node: &Node<'_>) -> Result<Window, ConfigError> {
             size: size.positive(MAX_COUNT_WINDOW)?,
         },
         "time" => {
-            let total = bounded_duration(&size, Duration::from_secs(3600), "1h")?;
+            let total = bounded_duration(&size, Duration::from_secs(3600), "must be at most 1h")?;
             let buckets = total.div_ceil(NANOS_PER_SEC).clamp(1, MAX_TIME_BUCKETS);
             Window::Time {
                 buckets,
@@ -375,11 +375,9 @@ fn parse_status(node: &Node<'_>) -> Result<(u32, u32), ConfigError> {
             _ => Err(node.error(EXPECTED)),
         },
         Value::String(s) => {
-            let class = s.strip_suffix("xx").or_else(|| s.strip_suffix("XX"));
-            if let Some(c) = class.and_then(|c| c.parse::<u32>().ok()) {
-                if (1..=5).contains(&c) {
-                    return Ok((c * 100, c * 100 + 99));
-                }
+            if let [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] = s.as_bytes() {
+                let class = u32::from(c - b'0') * 100;
+                return Ok((class, class + 99));
             }
             match s.parse::<u32>() {
                 Ok(code @ 100..=599) => Ok((code, code)),
@@ -392,8 +390,11 @@ fn parse_status(node: &Node<'_>) -> Result<(u32, u32), ConfigError> {
 
 fn parse_slow_call(node: &Node<'_>) -> Result<SlowCall, ConfigError> {
     let mut f = node.object()?;
-    let duration_nanos =
-        bounded_duration(&f.required("duration")?, Duration::from_secs(3600), "1h")?;
+    let duration_nanos = bounded_duration(
+        &f.required("duration")?,
+        Duration::from_secs(3600),
+        "must be at most 1h",
+    )?;
     let rate_percent = match f.optional("rate_percent") {
         Some(n) => n.positive(100)?,
         None => 100,

@@ -192,9 +192,16 @@ impl Http {
         };
         let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
             (Some(call), _) => {
-                let outcome = state.breaker.classify(&call, response);
-                let change = state.breaker.finish(&HostStore, &call, outcome, now);
-                (call.rule, outcome, change.into_iter().collect())
+                // Only a cluster breaker needs to know who served the call.
+                let served_by = call
+                    .cluster
+                    .as_ref()
+                    .and_then(|_| host::property(&["xds", "cluster_name"]));
+                let (outcome, changes) =
+                    state
+                        .breaker
+                        .complete(&HostStore, &call, served_by.as_deref(), response, now);
+                (call.rule, outcome, changes)
             }
             (None, Some((rule, _))) => {
                 // The router has chosen the cluster by now.
@@ -210,13 +217,12 @@ impl Http {
         };
         if details.as_deref() != Some(b"via_upstream") {
             // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
+            let details = std::str::from_utf8(details.as_deref().unwrap_or_default());
             host::log(
                 LogLevel::Debug,
                 &format!(
-                    "{FILTER}: no upstream status: code {}, details \"{}\", response headers {}: {}",
-                    response.code.unwrap_or(0),
-                    String::from_utf8_lossy(details.as_deref().unwrap_or_default()),
-                    response_headers_seen,
+                    "{FILTER}: no upstream status, response.code_details \"{}\": {}",
+                    details.unwrap_or("?"),
                     outcome.label().unwrap_or("ignored")
                 ),
             );

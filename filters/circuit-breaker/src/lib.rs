@@ -33,8 +33,16 @@ pub struct Call {
     pub probe: bool,
     /// When the request started (clock nanoseconds).
     pub started: u64,
-    /// The cluster of a `scope: "cluster"` breaker (its status is published).
+    /// The cluster of a `scope: "cluster"` rule's breaker, as seen when the call started.
     pub cluster: Option<String>,
+}
+
+impl Call {
+    /// The cluster whose published status this call's breaker owns: none for
+    /// the overflow breaker, which stands for many clusters.
+    fn published_cluster(&self) -> Option<String> {
+        self.cluster.clone().filter(|_| self.slot != Slot::Overflow)
+    }
 }
 
 /// A state change to report: stats, the rule's summary, the published cluster status.
@@ -108,6 +116,11 @@ pub fn is_upstream_trouble(details: &[u8]) -> bool {
         || details == b"no_healthy_upstream"
 }
 
+/// A cluster name as text (Envoy's names are ASCII; anything else is not a name).
+fn text(bytes: &[u8]) -> String {
+    std::str::from_utf8(bytes).unwrap_or_default().to_string()
+}
+
 /// The compiled configuration and the decision procedures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitBreaker {
@@ -143,19 +156,17 @@ impl CircuitBreaker {
                 }
                 continue;
             };
-            let cluster =
-                (rule.scope == Scope::Cluster).then(|| String::from_utf8_lossy(value).into_owned());
+            let cluster = (rule.scope == Scope::Cluster).then(|| text(value));
             let fp = hash64(&[value]);
             let Ok(adm) = rule.table.admit(store, &rule.policy, fp, now) else {
                 return Verdict::FailedOpen { rule: index };
             };
-            // The overflow breaker stands for many clusters: publish nothing for it.
-            let cluster = cluster.filter(|_| adm.slot != Slot::Overflow);
             let change = Change {
                 rule: index,
                 transition: adm.transition,
                 evicted: adm.evicted,
-                cluster: cluster.clone(),
+                // The overflow breaker stands for many clusters: publish nothing for it.
+                cluster: cluster.clone().filter(|_| adm.slot != Slot::Overflow),
             };
             let change = (!change.is_empty()).then_some(change);
             return match adm.admit {
@@ -249,8 +260,40 @@ impl CircuitBreaker {
             rule: call.rule,
             transition: Some(transition),
             evicted: None,
-            cluster: call.cluster.clone(),
+            cluster: call.published_cluster(),
         })
+    }
+
+    /// Classifies and records a finished call. `served_by` is the cluster that
+    /// served it (read in the response phase, only for `scope: "cluster"`):
+    /// if a filter re-routed the request after this one decided, the call is
+    /// taken back from the breaker it was admitted to (as if ignored) and
+    /// booked under the cluster that really served it.
+    pub fn complete(
+        &self,
+        store: &dyn SharedStore,
+        call: &Call,
+        served_by: Option<&[u8]>,
+        response: Response<'_>,
+        now: u64,
+    ) -> (Outcome, Vec<Change>) {
+        match (call.cluster.as_deref(), served_by) {
+            (Some(admitted), Some(served)) if admitted.as_bytes() != served => {
+                let mut changes: Vec<Change> = self
+                    .finish(store, call, Outcome::Ignored, now)
+                    .into_iter()
+                    .collect();
+                let (outcome, more) =
+                    self.settle(store, call.rule, served, call.started, response, now);
+                changes.extend(more);
+                (outcome, changes)
+            }
+            _ => {
+                let outcome = self.classify(call, response);
+                let change = self.finish(store, call, outcome, now);
+                (outcome, change.into_iter().collect())
+            }
+        }
     }
 
     /// Books a call of a [`Verdict::Deferred`] rule once the cluster that
@@ -277,13 +320,20 @@ impl CircuitBreaker {
         else {
             return (Outcome::Ignored, changes);
         };
-        let name =
-            (adm.slot != Slot::Overflow).then(|| String::from_utf8_lossy(cluster).into_owned());
+        let call = Call {
+            rule: rule_index,
+            slot: adm.slot,
+            key: adm.key,
+            generation: 0,
+            probe: false,
+            started,
+            cluster: Some(text(cluster)),
+        };
         let change = Change {
             rule: rule_index,
             transition: adm.transition,
             evicted: adm.evicted,
-            cluster: name.clone(),
+            cluster: call.published_cluster(),
         };
         if !change.is_empty() {
             changes.push(change);
@@ -292,13 +342,9 @@ impl CircuitBreaker {
             return (Outcome::Ignored, changes);
         };
         let call = Call {
-            rule: rule_index,
-            slot: adm.slot,
-            key: adm.key,
             generation,
             probe,
-            started,
-            cluster: name,
+            ..call
         };
         let outcome = self.classify(&call, response);
         changes.extend(self.finish(store, &call, outcome, now));

@@ -704,3 +704,30 @@ fn a_cluster_known_only_after_routing_is_settled_afterwards() {
     );
     assert_eq!(cb.config.rules[0].table.summary(&s), Summary::default());
 }
+
+#[test]
+fn a_call_re_routed_after_the_decision_is_booked_under_the_cluster_that_served_it() {
+    let (cb, s) = breaker(
+        r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "consecutive_failures": 1, "open_for": "10s"}]}"#,
+    );
+    let cluster = |c: &str| FakeRequest::new().with(Attribute::Cluster, c);
+    // Decided on v1 (the route before re-routing), served by v2, which failed.
+    let Verdict::Pass { call: c, .. } = cb.check(&mut cluster("v1"), &s, T0) else {
+        panic!()
+    };
+    let (outcome, changes) = cb.complete(&s, &c, Some(b"v2"), upstream(500, 1), T0 + MS);
+    for ch in &changes {
+        cb.apply(&s, ch);
+    }
+    assert_eq!(outcome, Outcome::Failure { slow: false });
+    assert!(circuit::is_open(&s, "v2", T0 + SEC));
+    assert!(!circuit::is_open(&s, "v1", T0 + SEC));
+    assert!(passed(&call(&cb, &s, cluster("v1"), T0 + SEC, 200, 1)));
+    assert!(!passed(&call(&cb, &s, cluster("v2"), T0 + SEC, 200, 1)));
+    // Served by the cluster it was decided on: booked as usual.
+    let Verdict::Pass { call: c, .. } = cb.check(&mut cluster("v1"), &s, T0 + 2 * SEC) else {
+        panic!()
+    };
+    let (outcome, _) = cb.complete(&s, &c, Some(b"v1"), upstream(200, 1), T0 + 2 * SEC);
+    assert_eq!(outcome, Outcome::Success);
+}
