@@ -101,6 +101,7 @@ impl RootContext for Root {
         );
         let series_overflow = Metric::counter(&names.series_overflow_total);
         let budget = Budget::new(&scope, &config);
+        budget.create(&HostStore);
         self.state = Some(Rc::new(RefCell::new(State {
             registry: Registry::new(config.labels, budget),
             host: HostMetrics { names },

@@ -16,7 +16,7 @@ mod filter;
 use std::collections::HashMap;
 
 use mesh_shared::hash::hash64;
-use mesh_shared::store::{update, Step};
+use mesh_shared::store::{ensure, update, Step};
 use mesh_shared::SharedStore;
 
 pub use config::{Config, CustomLabel, Labels};
@@ -94,6 +94,13 @@ impl Budget {
             set_prefix: base,
             max: config.max_series,
         }
+    }
+
+    /// Creates the shared count. Call at configure time: the first write of a
+    /// missing key is unconditional, so two workers creating it at once under
+    /// traffic could lose a reservation.
+    pub fn create(&self, store: &dyn SharedStore) {
+        ensure(store, &self.count_key, &0u64.to_le_bytes());
     }
 
     /// Whether the label set `key` (already namespaced) has, or now gets, a series.
@@ -259,9 +266,10 @@ mod tests {
         }
     }
 
-    fn registry(json: &str, scope: &str) -> Registry<FakeHost> {
+    fn registry_in(store: &MemoryStore, json: &str, scope: &str) -> Registry<FakeHost> {
         let config = Config::parse(json.as_bytes()).unwrap();
         let budget = Budget::new(scope, &config);
+        budget.create(store);
         Registry::new(config.labels, budget)
     }
 
@@ -269,7 +277,7 @@ mod tests {
     fn series_are_defined_once_per_label_set() {
         let store = MemoryStore::new();
         let mut host = FakeHost::default();
-        let mut r = registry(r#"{"labels": {"status_code": true}}"#, "t");
+        let mut r = registry_in(&store, r#"{"labels": {"status_code": true}}"#, "t");
         for _ in 0..3 {
             let g = r.gauge("api GET backend", &store, &mut host);
             assert!(!g.folded);
@@ -294,7 +302,7 @@ mod tests {
     fn past_max_series_label_sets_fold_into_one_overflow_series() {
         let store = MemoryStore::new();
         let mut host = FakeHost::default();
-        let mut r = registry(r#"{"max_series": 4}"#, "t");
+        let mut r = registry_in(&store, r#"{"max_series": 4}"#, "t");
         let mut folded = 0;
         for i in 0..100 {
             let key = format!("r{i} GET c");
@@ -326,8 +334,8 @@ mod tests {
     fn workers_share_the_budget_and_see_each_others_sets() {
         let store = MemoryStore::new();
         let (mut h1, mut h2) = (FakeHost::default(), FakeHost::default());
-        let mut w1 = registry(r#"{"max_series": 2}"#, "t");
-        let mut w2 = registry(r#"{"max_series": 2}"#, "t");
+        let mut w1 = registry_in(&store, r#"{"max_series": 2}"#, "t");
+        let mut w2 = registry_in(&store, r#"{"max_series": 2}"#, "t");
         assert!(!w1.gauge("a GET c", &store, &mut h1).folded);
         assert!(!w2.gauge("b GET c", &store, &mut h2).folded);
         assert!(w1.gauge("c GET c", &store, &mut h1).folded, "budget full");
@@ -335,8 +343,11 @@ mod tests {
             !w1.gauge("b GET c", &store, &mut h1).folded,
             "a set admitted by another worker is not folded"
         );
+        // A worker configured later (or a reconfiguration) keeps the count.
+        let mut w3 = registry_in(&store, r#"{"max_series": 2}"#, "t");
+        assert!(w3.gauge("d GET c", &store, &mut h2).folded);
         // Another plugin instance has its own budget.
-        let mut other = registry(r#"{"max_series": 2}"#, "other");
+        let mut other = registry_in(&store, r#"{"max_series": 2}"#, "other");
         assert!(!other.gauge("z GET c", &store, &mut h1).folded);
     }
 
@@ -344,7 +355,7 @@ mod tests {
     fn a_response_without_a_request_phase_still_gets_a_series() {
         let store = MemoryStore::new();
         let mut host = FakeHost::default();
-        let mut r = registry("{}", "t");
+        let mut r = registry_in(&store, "{}", "t");
         let s = r.series("api unknown c", StatusKey(400), &store, &mut host);
         assert!(!s.folded);
         assert_eq!(r.budget.count(&store), 2);
@@ -362,7 +373,7 @@ mod tests {
             let store = MemoryStore::new();
             let json = format!(r#"{{"max_series": {max}, "labels": {{"status_code": true}}}}"#);
             let mut workers: Vec<(Registry<FakeHost>, FakeHost)> =
-                (0..3).map(|_| (registry(&json, "t"), FakeHost::default())).collect();
+                (0..3).map(|_| (registry_in(&store, &json, "t"), FakeHost::default())).collect();
             let mut admitted = std::collections::HashSet::new();
             for (worker, set, status) in requests {
                 let (r, host) = &mut workers[worker];
