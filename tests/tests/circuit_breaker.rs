@@ -405,3 +405,65 @@ fn cluster_scope_keeps_clusters_apart() {
         Some(1.0)
     );
 }
+
+/// Behind lb-hints (which re-routes by writing a header), Envoy still shows
+/// this filter the route matched first (`default`, cluster v1) during the
+/// request; the outcome must be booked under the cluster that served it.
+#[test]
+fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call() {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let by_header = |name: &str| {
+        format!(
+            r#"{{"name": "to-{name}", "match": {{"prefix": "/", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#
+        )
+    };
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(
+                WasmFilter::new(
+                    "lb-hints",
+                    r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
+                        "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 1}]}]}"#,
+                )
+                .vm_id("mesh-filters"),
+            )
+            .wasm(
+                WasmFilter::new(
+                    "circuit-breaker",
+                    r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "consecutive_failures": 2, "open_for": "1h"}]}"#,
+                )
+                .vm_id("mesh-filters"),
+            )
+            .route_json(&by_header("v1"))
+            .route_json(&by_header("v2"))
+            .route("default", "/", "v1")
+            .cluster("v1", v1.port())
+            .cluster("v2", v2.port())
+            .yaml(),
+    );
+    v2.set_behaviour(failing());
+    let mut c = Client::new(envoy.port());
+    // 1:1 round robin: v2 fails twice within four requests, and its breaker opens.
+    for _ in 0..4 {
+        let r = c.get("/", &[]).unwrap();
+        assert!(r.header("x-mesh-circuit").is_none(), "{r:?}");
+    }
+    assert_eq!(v2.requests(), 2);
+    assert_eq!(
+        metric(&envoy, "mesh_circuit_open_breakers", "per-cluster"),
+        Some(1.0)
+    );
+    // v1's breaker (the cluster of the route seen during the request) was not
+    // charged with v2's failures; lb-hints now keeps traffic off v2.
+    for _ in 0..20 {
+        let r = c.get("/", &[]).unwrap();
+        assert_eq!(
+            (r.status, r.header("x-served-by")),
+            (200, Some("v1")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(v2.requests(), 2);
+    assert_eq!(calls(&envoy, "per-cluster", "failure"), Some(2.0));
+    assert_eq!(calls(&envoy, "per-cluster", "success"), Some(22.0));
+}
