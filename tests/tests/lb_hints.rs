@@ -510,13 +510,6 @@ fn two_modules_share_data_exactly_when_their_vm_ids_are_equal() {
     assert!(separate.iter().all(|(a, b)| a == b), "{separate:?}");
 }
 
-#[test]
-fn the_example_config_validates() {
-    let (ok, output) =
-        mesh_testkit::envoy::validate(std::path::Path::new("envoy/lb-hints.yaml")).unwrap();
-    assert!(ok, "{output}");
-}
-
 /// Envoy's CORS filter, which asks for the route in every request. After a
 /// Wasm filter clears the route cache, Envoy resolves the route again only
 /// when a filter asks for it (the router does); until then later Wasm filters
@@ -527,22 +520,38 @@ const ROUTE_REFRESH: &str = r#"{"name": "envoy.filters.http.cors", "typed_config
 
 #[test]
 fn with_the_circuit_breaker_tripping_v2_everything_goes_to_v1_until_it_closes() {
+    circuit_breaker_behind_lb_hints(true);
+}
+
+#[test]
+fn with_the_circuit_breaker_directly_behind_lb_hints_too() {
+    // Without the route refresh the breaker sees no cluster in the request
+    // phase (direct-response fallback) and books each call under the cluster
+    // that served it, once answered.
+    circuit_breaker_behind_lb_hints(false);
+}
+
+fn circuit_breaker_behind_lb_hints(route_refresh: bool) {
     const OPEN_FOR: Duration = Duration::from_secs(6);
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    // Both filters in one vm_id (shared data is per vm_id). The breaker comes
-    // after lb-hints and a native filter that makes Envoy resolve the route
-    // again (see ROUTE_REFRESH), so it sees the cluster lb-hints routed to.
-    let envoy = Envoy::start(
-        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
-            .wasm(
-                WasmFilter::new(
-                    "lb-hints",
-                    r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
+    // Both filters in one vm_id (shared data is per vm_id), the breaker after
+    // lb-hints; with `route_refresh`, a native filter in between makes Envoy
+    // resolve the route again (see ROUTE_REFRESH).
+    let chain = routed(Bootstrap::new(), "x-mesh-target", &v1, &v2).wasm(
+        WasmFilter::new(
+            "lb-hints",
+            r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
                         "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 1}]}]}"#,
-                )
-                .vm_id("mesh-filters"),
-            )
-            .filter_json(ROUTE_REFRESH)
+        )
+        .vm_id("mesh-filters"),
+    );
+    let chain = if route_refresh {
+        chain.filter_json(ROUTE_REFRESH)
+    } else {
+        chain
+    };
+    let envoy = Envoy::start(
+        &chain
             .wasm(
                 WasmFilter::new(
                     "circuit-breaker",
@@ -577,6 +586,7 @@ fn with_the_circuit_breaker_tripping_v2_everything_goes_to_v1_until_it_closes() 
     // at least until `opened_after + OPEN_FOR`: every request answered before
     // then must go to v1, and none may meet the breaker's local answer.
     let mut while_open = 0;
+    let mut v2_calls_while_open = v2_calls;
     loop {
         let answer = client.get("/", &[]).unwrap();
         if Instant::now() >= opened_after + OPEN_FOR {
@@ -594,12 +604,12 @@ fn with_the_circuit_breaker_tripping_v2_everything_goes_to_v1_until_it_closes() 
                 .join("\n")
         );
         while_open += 1;
+        v2_calls_while_open = v2.requests();
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(while_open >= 10, "only {while_open} requests while open");
     assert_eq!(
-        v2.requests(),
-        v2_calls,
+        v2_calls_while_open, v2_calls,
         "v2 was called while its breaker was open"
     );
     assert_eq!(
