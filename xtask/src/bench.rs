@@ -3,8 +3,9 @@
 //!
 //! The cases are the Envoy configurations in `envoy/bench/` (one file each,
 //! fixed ports, so a user can run any of them by hand); this file only runs
-//! them. Every case has the same route table (direct responses, no upstream),
-//! so only the HTTP filters differ. Steps:
+//! them. Every case has the same routes to the same fast local upstream (an
+//! Envoy answering 200 itself, `envoy/bench/upstream.yaml`), so only the HTTP
+//! filters differ. Steps:
 //!
 //! 1. build the filters and the no-op filter (`filters/noop`), `wasm-opt -Oz`
 //!    copies in `target/bench/wasm-opt/`, and record the sizes;
@@ -45,6 +46,8 @@ const CASES: &[&str] = &[
     "noop-wasm-opt",
     "ratelimit-as-built",
 ];
+/// `envoy/bench/upstream.yaml`: the Envoy answering every case's requests.
+const UPSTREAM: &str = "upstream";
 /// What every ratio is taken against.
 const BASELINE: &str = "router";
 const NOOP: &str = "noop";
@@ -174,6 +177,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let built_dir = build_modules(opts.build)?;
     report.sizes = measure_sizes(&root, &out_dir, &built_dir);
 
+    // The upstream every case routes to; it runs until the bench ends.
+    let upstream_case = Case::load(&root, UPSTREAM)?;
+    let mut upstream = Running::start(&envoy, &root, &upstream_case)?;
+    upstream
+        .wait_answering(&upstream_case, Instant::now())
+        .map_err(|e| format!("the upstream (envoy/bench/{UPSTREAM}.yaml) did not start: {e}"))?;
+
     let cases: Vec<Case> = opts
         .cases
         .iter()
@@ -222,6 +232,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         report.memory.push((case.name.clone(), result));
     }
 
+    drop(upstream);
     report.load_after = load_average();
     report.elapsed = started.elapsed();
     report.settings = format!(
