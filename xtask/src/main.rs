@@ -11,6 +11,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod oci;
 
 use std::process::{Command, ExitCode};
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("push") => oci::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("upstreams") => demo::upstreams(),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
         _ => Err(
@@ -77,6 +79,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ]))?;
     build::clippy_wasm(&toolchain)?;
+    fuzz::ci()?;
     println!("==> cargo test");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])

@@ -1,0 +1,22 @@
+//! ratelimit's configuration parser on arbitrary bytes; a configuration it
+//! accepts must also build its tables and decide one request.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use mesh_shared::request::FakeRequest;
+use mesh_shared::store::MemoryStore;
+use ratelimit::{Config, RateLimiter};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(config) = Config::parse(data, "fuzz") else {
+        return;
+    };
+    // Huge tables are valid but make a run crawl; the bound itself is tested elsewhere.
+    if config.rules.len() > 8 {
+        return;
+    }
+    let limiter = RateLimiter::new(config);
+    let store = MemoryStore::new();
+    limiter.create_tables(&store);
+    let verdict = limiter.check(&mut FakeRequest::new(), &store, mesh_fuzz::T0);
+    let _ = limiter.headers(&verdict);
+});
