@@ -16,7 +16,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mesh_testkit::http::Client;
-use mesh_testkit::{json_string, repo_root, wasm_path, Bootstrap, Envoy, Upstream};
+use mesh_testkit::{json_string, repo_root, wasm_path, Behaviour, Bootstrap, Envoy, Upstream};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------
@@ -724,23 +724,19 @@ struct Mesh {
 fn mesh_with(mut plugins: Vec<Manifest>) -> Mesh {
     istio_order(&mut plugins);
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let route = |name: &str, header: Option<&str>, subset: &str| {
-        let headers = header
-            .map(|v| {
-                format!(
-                    r#", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{v}"}}}}]"#
-                )
-            })
-            .unwrap_or_default();
-        format!(
-            r#"{{"name": "{name}", "match": {{"prefix": "/"{headers}}}, "route": {{"cluster": {}, "timeout": "5s"}}}}"#,
-            json_string(&reviews_cluster(subset))
-        )
+    let route = |name: &str, subset: Option<&str>| match subset {
+        Some(v) => format!(
+            r#"{{"name": "{name}", "match": {{"prefix": "/", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{v}"}}}}]}}, "route": {{"cluster": {}}}}}"#,
+            json_string(&reviews_cluster(v))
+        ),
+        None => format!(
+            r#"{{"name": "{name}", "match": {{"prefix": "/"}}, "direct_response": {{"status": 503, "body": {{"inline_string": "no subset chosen\n"}}}}}}"#
+        ),
     };
     let mut bootstrap = Bootstrap::new()
-        .route_json(&route("reviews-v2", Some("v2"), "v2"))
-        .route_json(&route("reviews-v1", Some("v1"), "v1"))
-        .route_json(&route("reviews", None, "v1"))
+        .route_json(&route("reviews-v2", Some("v2")))
+        .route_json(&route("reviews-v1", Some("v1")))
+        .route_json(&route("reviews", None))
         .cluster(&reviews_cluster("v1"), v1.port())
         .cluster(&reviews_cluster("v2"), v2.port());
     for plugin in &plugins {
@@ -780,15 +776,19 @@ fn sum(lines: &[String]) -> f64 {
 
 const REQUESTS: usize = 20;
 
-/// Sends REQUESTS GETs (half with an x-user-id); all must be answered 200
-/// by an upstream.
-fn drive(mesh: &Mesh) {
+/// Sends REQUESTS GETs (half with an x-user-id), with `x-mesh-target:
+/// <subset>` when no lb-hints chooses one; all must be answered 200 by an
+/// upstream.
+fn drive(mesh: &Mesh, subset: Option<&str>) {
     let mut client = Client::new(mesh.envoy.port());
     for i in 0..REQUESTS {
         let user = format!("user-{}", i % 4);
         let mut headers = vec![("x-tenant", "gold")];
         if i % 2 == 0 {
             headers.push(("x-user-id", user.as_str()));
+        }
+        if let Some(subset) = subset {
+            headers.push(("x-mesh-target", subset));
         }
         let answer = client.get("/reviews/1", &headers).unwrap();
         assert_eq!(
@@ -816,7 +816,7 @@ fn plugin_for(filter: &str) -> Manifest {
 #[test]
 fn ratelimit_plugin_config_runs_in_envoy() {
     let mesh = mesh_with(vec![plugin_for("ratelimit")]);
-    drive(&mesh);
+    drive(&mesh, Some("v1"));
     let allowed = |rule| {
         sum(
             &series(&mesh.envoy, "mesh_ratelimit_requests_total", "rule", rule)
@@ -833,7 +833,7 @@ fn ratelimit_plugin_config_runs_in_envoy() {
 #[test]
 fn circuit_breaker_plugin_config_runs_in_envoy() {
     let mesh = mesh_with(vec![plugin_for("circuit-breaker")]);
-    drive(&mesh);
+    drive(&mesh, Some("v1"));
     let calls = series(&mesh.envoy, "mesh_circuit_calls_total", "rule", "reviews");
     assert_eq!(sum(&calls), REQUESTS as f64, "{calls:?}");
 }
@@ -841,7 +841,7 @@ fn circuit_breaker_plugin_config_runs_in_envoy() {
 #[test]
 fn lb_hints_plugin_config_runs_in_envoy() {
     let mesh = mesh_with(vec![plugin_for("lb-hints")]);
-    drive(&mesh);
+    drive(&mesh, None);
     // Clients asking for v2 themselves: the filter overwrites the header.
     let mut client = Client::new(mesh.envoy.port());
     for _ in 0..REQUESTS {
@@ -874,8 +874,8 @@ fn lb_hints_plugin_config_runs_in_envoy() {
 #[test]
 fn metrics_plugin_config_runs_in_envoy() {
     let mesh = mesh_with(vec![plugin_for("metrics")]);
-    drive(&mesh);
-    let requests = series(&mesh.envoy, "mesh_requests_total", "route", "reviews");
+    drive(&mesh, Some("v1"));
+    let requests = series(&mesh.envoy, "mesh_requests_total", "route", "reviews-v1");
     assert_eq!(sum(&requests), REQUESTS as f64, "{requests:?}");
     assert!(
         requests.iter().all(|l| l.contains("tenant=\"gold\"")),
@@ -888,7 +888,7 @@ fn all_four_plugins_together_in_istios_order() {
     let all: Vec<Manifest> = plugins("WasmPlugin").into_values().collect();
     assert_eq!(all.len(), 4);
     let mesh = mesh_with(all);
-    drive(&mesh);
+    drive(&mesh, None);
     for (metric, label, value) in [
         ("mesh_requests_total", "route", "reviews"),
         ("mesh_ratelimit_requests_total", "rule", "reviews-anonymous"),
@@ -901,4 +901,38 @@ fn all_four_plugins_together_in_istios_order() {
             mesh.envoy.prometheus()
         );
     }
+}
+
+#[test]
+fn an_open_breaker_moves_the_canary_traffic_to_the_other_subset() {
+    let all: Vec<Manifest> = plugins("WasmPlugin").into_values().collect();
+    let mesh = mesh_with(all);
+    mesh.v1.set_behaviour(Behaviour {
+        status: 500,
+        ..Behaviour::default()
+    });
+    // v1 fails: once its breaker has seen minimum_calls (10) failures it
+    // opens, and lb-hints (avoid_open_circuits) sends everything to v2. The
+    // breaker stays open for 10 s, far longer than these requests take.
+    let mut client = Client::new(mesh.envoy.port());
+    let mut served_by_v2_in_a_row = 0;
+    for _ in 0..200 {
+        let before = mesh.v2.requests();
+        let answer = client.get("/reviews/1", &[]).unwrap();
+        let by_v2 = answer.status == 200 && mesh.v2.requests() == before + 1;
+        served_by_v2_in_a_row = if by_v2 { served_by_v2_in_a_row + 1 } else { 0 };
+        if served_by_v2_in_a_row == REQUESTS {
+            break;
+        }
+    }
+    assert_eq!(
+        served_by_v2_in_a_row,
+        REQUESTS,
+        "v1 calls: {}, v2 calls: {}\n{}",
+        mesh.v1.requests(),
+        mesh.v2.requests(),
+        mesh.envoy.prometheus()
+    );
+    let opened = series(&mesh.envoy, "mesh_circuit_opened_total", "rule", "reviews");
+    assert!(sum(&opened) >= 1.0, "{opened:?}");
 }
