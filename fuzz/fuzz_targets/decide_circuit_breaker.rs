@@ -17,7 +17,7 @@ const CONFIGS: &[&str] = &[
          "half_open_calls": 2, "max_breakers": 4},
         {"name": "routes", "scope": "route", "window": {"kind": "time", "size": "10s"},
          "minimum_calls": 3, "consecutive_failures": 2, "open_for": "500ms", "half_open_calls": 1,
-         "failure_when": {"statuses": ["5xx", 429, "404"], "reset": false}}],
+         "failure_when": {"statuses": ["5xx", 429, "404"], "reset": false}, "max_breakers": 8}],
       "response": {"status": 503, "body": "circuit open\n"}}"#,
     r#"{"rules": [
         {"name": "clusters", "scope": "cluster", "window": {"kind": "count", "size": 1},

@@ -13,6 +13,7 @@ mod build;
 mod demo;
 mod fuzz;
 mod oci;
+mod soak;
 
 use std::process::{Command, ExitCode};
 
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("push") => oci::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("upstreams") => demo::upstreams(),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
         _ => Err(
