@@ -51,8 +51,18 @@ pub fn start(config: &Path) -> Result<Demo, String> {
     };
     let v1 = Upstream::start_on("v1", UPSTREAM_V1).map_err(|e| busy(UPSTREAM_V1, e))?;
     let v2 = Upstream::start_on("v2", UPSTREAM_V2).map_err(|e| busy(UPSTREAM_V2, e))?;
-    let envoy = Envoy::start_file(config, 2)
-        .map_err(|f| format!("Envoy did not start ({:?}); its log:\n{}", f.status, f.log))?;
+    let envoy = Envoy::start_file(config, 2).map_err(|f| {
+        let problems: Vec<&str> = f
+            .log
+            .lines()
+            .filter(|l| l.contains("][error]") || l.contains("][critical]"))
+            .collect();
+        format!(
+            "Envoy did not start ({:?}):\n{}",
+            f.status,
+            problems.join("\n")
+        )
+    })?;
     Ok(Demo { envoy, v1, v2 })
 }
 

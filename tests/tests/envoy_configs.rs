@@ -119,10 +119,12 @@ fn the_demo_runs_and_shows_each_filter_working() {
     );
     let per_route: std::collections::HashMap<_, _> =
         report.metrics_requests.iter().cloned().collect();
-    // 8 + 1 to /api; 100 + 1 forced to /reviews; /payments: 5 failures, 5 local
+    // 8 + 1 to /api; 100 + 1 forced to /reviews (v1 90, v2 10 + 1); /payments: 5 failures, 5 local
     // answers, 4 after recovery, plus any local answers while waiting for open_for.
     assert_eq!(per_route.get("api"), Some(&9.0), "{per_route:?}");
-    assert_eq!(per_route.get("reviews"), Some(&101.0), "{per_route:?}");
+    // Counted under the route lb-hints routed to (the forced request went to v2).
+    assert_eq!(per_route.get("reviews-v1"), Some(&90.0), "{per_route:?}");
+    assert_eq!(per_route.get("reviews-v2"), Some(&11.0), "{per_route:?}");
     assert!(
         per_route.get("payments").is_some_and(|n| *n >= 14.0),
         "{per_route:?}"

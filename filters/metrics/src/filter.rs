@@ -116,6 +116,7 @@ impl RootContext for Root {
             state,
             started_nanos: HostClock.now_nanos(),
             key: None,
+            request: HostRequest::new(),
             in_flight: None,
             request_bytes: 0,
             response_bytes: 0,
@@ -133,6 +134,9 @@ struct Http {
     started_nanos: u64,
     /// Request-side label values, read once in the request phase.
     key: Option<String>,
+    /// What the request phase read (kept so the end of the stream re-reads
+    /// only the route and cluster).
+    request: HostRequest,
     /// The gauge we incremented, to decrement when the stream ends.
     in_flight: Option<Metric>,
     request_bytes: u64,
@@ -148,7 +152,7 @@ impl Context for Http {
 impl Http {
     fn request_key(&mut self) -> String {
         let state = self.state.borrow();
-        state.registry.labels().request_key(&mut HostRequest::new())
+        state.registry.labels().request_key(&mut self.request)
     }
 }
 
@@ -182,9 +186,20 @@ impl HttpContext for Http {
         }
         // No request phase (an earlier filter answered): the request-side
         // labels are read now; what Envoy no longer has reads as "unknown".
+        // A later filter (lb-hints) may have re-routed the request: count it
+        // under the route and cluster that served it. The in-flight gauge
+        // keeps the request-phase labels it was raised under.
+        let route_labels_on = {
+            let state = self.state.borrow();
+            let labels = state.registry.labels();
+            labels.route || labels.cluster
+        };
         let key = match self.key.take() {
-            Some(k) => k,
-            None => self.request_key(),
+            Some(k) if !route_labels_on => k,
+            _ => {
+                self.request.refresh_route();
+                self.request_key()
+            }
         };
         let status = host::response_code();
         let elapsed_ms = HostClock.now_nanos().saturating_sub(self.started_nanos) / 1_000_000;

@@ -166,6 +166,17 @@ impl HostRequest {
         Self::default()
     }
 
+    /// Forgets the route and cluster read so far: a filter after us may have
+    /// re-routed the request, and Envoy reports the final route from the
+    /// response phase on.
+    pub fn refresh_route(&mut self) {
+        for attr in [Attribute::Route, Attribute::Cluster] {
+            if let Some(slot) = self.attributes.get_mut(attr.index()) {
+                *slot = None;
+            }
+        }
+    }
+
     fn fetch(attr: Attribute) -> Option<Vec<u8>> {
         match attr {
             Attribute::Path => request_header(":path").map(|p| path_without_query(&p).to_vec()),
