@@ -214,12 +214,13 @@ fn one_request(client: &mut Client, i: u64) -> bool {
             )
         }
         1 => {
-            // tenant-0 fails half its calls (its breaker opens and probes);
-            // the others one call in a hundred.
-            let fail = if tenant == "tenant-0" {
-                r.is_multiple_of(2)
+            // One payment in ten is from tenant "flaky", which fails 60% of
+            // its calls (its breaker opens, probes, opens again); the other
+            // tenants fail one call in a hundred.
+            let (tenant, fail) = if r.is_multiple_of(10) {
+                ("flaky".to_string(), (r / 10) % 5 < 3)
             } else {
-                r.is_multiple_of(100)
+                (tenant, (r / 10).is_multiple_of(100))
             };
             let status = if fail { "503" } else { "200" };
             let answer = client.get(
