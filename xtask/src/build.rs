@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use crate::{cargo, run};
 
 pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
-/// Test-only modules (never packaged, pushed or benchmarked), built with the
-/// filters so the integration tests find them in dist/.
-pub const TEST_MODULES: &[&str] = &["panic-probe"];
+/// Modules that are not filters (never packaged or pushed), built with the
+/// filters so the tests and the bench configs in envoy/bench find them in dist/:
+/// the panic probe of the failure-policy tests and the bench's no-op floor.
+pub const TEST_MODULES: &[&str] = &["panic-probe", "noop"];
 const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 
