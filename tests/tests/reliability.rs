@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_testkit::http;
+use mesh_testkit::http::{self, Client};
 use mesh_testkit::{Bootstrap, Envoy, Upstream, WasmFilter};
 
 const POLICIES: [&str; 3] = ["FAIL_CLOSED", "FAIL_OPEN", "FAIL_RELOAD"];
@@ -210,4 +210,213 @@ fn a_refused_configuration_stops_envoy_from_starting_under_every_policy() {
         );
         assert_eq!(upstream.requests(), 0);
     }
+}
+
+// ---- Hostile input through all four filters ----
+
+const RATELIMIT: &str = r#"{"rules": [{"name": "per-api-key", "match": {"path_prefix": "/api"},
+    "key": [{"header": "x-api-key"}], "limit": {"requests": 1, "per": "1h"}}], "max_keys": 1000}"#;
+const CIRCUIT_BREAKER: &str = r#"{"rules": [{"name": "tenants", "scope": {"header": "x-tenant"},
+    "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "open_for": "1h"}],
+    "max_breakers": 1000}"#;
+const LB_HINTS: &str = r#"{"rules": [{"name": "reviews", "match": {"path_prefix": "/reviews"},
+    "header": "x-mesh-target", "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 1}],
+    "algorithm": "sticky", "sticky": {"header": "x-user-id"}}]}"#;
+const METRICS: &str = r#"{"labels": {"custom": [{"name": "tenant", "header": "x-tenant"}]},
+    "max_series": 1000}"#;
+
+/// All four filters (metrics, ratelimit, lb-hints, circuit-breaker, each
+/// reading a client-controlled header) in front of upstreams v1 and v2.
+struct Suite {
+    envoy: Envoy,
+    v1: Upstream,
+    v2: Upstream,
+}
+
+fn suite() -> Suite {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let header_route = |name: &str| {
+        format!(
+            r#"{{"name": "reviews-{name}", "match": {{"prefix": "/reviews", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#
+        )
+    };
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .stat_tags(&["tenant"])
+            .wasm(WasmFilter::new("metrics", METRICS))
+            .wasm(WasmFilter::new("ratelimit", RATELIMIT))
+            .wasm(WasmFilter::new("lb-hints", LB_HINTS))
+            .wasm(WasmFilter::new("circuit-breaker", CIRCUIT_BREAKER))
+            .route_json(&header_route("v1"))
+            .route_json(&header_route("v2"))
+            .route("default", "/", "v1")
+            .cluster("v1", v1.port())
+            .cluster("v2", v2.port())
+            .yaml(),
+    );
+    Suite { envoy, v1, v2 }
+}
+
+/// Lines of Envoy's log that mention a panic (our hook logs `<filter>: panic:`).
+fn log_panics(envoy: &Envoy) -> Vec<String> {
+    envoy
+        .log()
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("panic"))
+        .map(String::from)
+        .collect()
+}
+
+fn send(client: &mut Client, path: &str, headers: &[(&str, &[u8])]) -> http::Response {
+    client
+        .request("GET", path, headers, b"")
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn huge_many_and_non_utf8_headers_pass_all_four_filters_without_harm() {
+    let s = suite();
+    let mut c = Client::new(s.envoy.port());
+    // Just under Envoy's default 60 KiB for all request headers together.
+    let huge = vec![b'k'; 50 * 1024];
+    let non_utf8: Vec<u8> = (0x80..=0xff).collect();
+    let many: Vec<(String, Vec<u8>)> = (0..90)
+        .map(|i| (format!("x-filler-{i}"), b"v".to_vec()))
+        .collect();
+    let too_many: Vec<(String, Vec<u8>)> = (0..150)
+        .map(|i| (format!("x-filler-{i}"), b"v".to_vec()))
+        .collect();
+    let warm = s.envoy.rss_kib();
+    for round in 0..100 {
+        for name in ["x-api-key", "x-tenant", "x-user-id"] {
+            for path in ["/api", "/reviews"] {
+                let value = format!("{round}-").into_bytes();
+                let big: Vec<u8> = value.iter().chain(&huge).copied().collect();
+                let r = send(&mut c, path, &[(name, &big)]);
+                assert!(
+                    matches!(r.status, 200 | 429),
+                    "{path} {name} of 50 KiB: {}",
+                    r.status
+                );
+                let odd: Vec<u8> = value.iter().chain(&non_utf8).copied().collect();
+                let r = send(&mut c, path, &[(name, &odd), ("x-tenant", &odd)]);
+                assert!(
+                    matches!(r.status, 200 | 429),
+                    "{path} {name} non-UTF-8: {}",
+                    r.status
+                );
+            }
+        }
+        let h: Vec<(&str, &[u8])> = many
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .chain([("x-tenant", &b"many"[..])])
+            .collect();
+        assert_eq!(send(&mut c, "/reviews", &h).status, 200, "90 headers");
+    }
+    // Past Envoy's own limits the codec refuses before any filter runs.
+    let over = vec![b'k'; 70 * 1024];
+    let r = Client::new(s.envoy.port())
+        .request("GET", "/", &[("x-tenant", &over)], b"")
+        .unwrap();
+    assert_eq!(r.status, 431, "70 KiB of headers");
+    let h: Vec<(&str, &[u8])> = too_many
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let r = Client::new(s.envoy.port())
+        .request("GET", "/", &h, b"")
+        .unwrap();
+    assert_eq!(r.status, 431, "150 headers");
+
+    // The proxy keeps answering, every filter still does its job.
+    let mut c = Client::new(s.envoy.port());
+    let first = send(&mut c, "/api", &[("x-api-key", b"fresh")]);
+    let second = send(&mut c, "/api", &[("x-api-key", b"fresh")]);
+    assert_eq!(
+        (first.status, second.status),
+        (200, 429),
+        "ratelimit still limits"
+    );
+    let r = send(&mut c, "/reviews", &[("x-user-id", b"alice")]);
+    assert!(
+        matches!(r.header("x-served-by"), Some("v1" | "v2")),
+        "{r:?}"
+    );
+    assert!(s.v1.requests() + s.v2.requests() > 0);
+    let after = s.envoy.rss_kib();
+    eprintln!(
+        "hostile headers: Envoy RSS {warm} KiB before, {after} KiB after 1 300 hostile requests"
+    );
+    assert!(
+        after < warm + 16 * 1024,
+        "RSS grew from {warm} KiB to {after} KiB"
+    );
+    // The metrics filter wrote the non-UTF-8 tenant of round 0 as a
+    // sanitised label value: "0-", then '_' for each byte, cut at 64 bytes.
+    let sanitised = format!("tenant=\"0-{}\"", "_".repeat(62));
+    let scrape = s.envoy.prometheus();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("mesh_requests_total{") && l.contains(&sanitised)),
+        "no series with {sanitised}"
+    );
+    assert_eq!(log_panics(&s.envoy), Vec::<String>::new());
+}
+
+#[test]
+fn a_hundred_thousand_tenants_leave_breakers_and_label_sets_bounded() {
+    let s = suite();
+    let send_range = |from: usize, to: usize| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let port = s.envoy.port();
+                std::thread::spawn(move || {
+                    let mut c = Client::new(port);
+                    for i in (from + t..to).step_by(8) {
+                        let tenant = format!("tenant-{i}");
+                        let r = c.get("/", &[("x-tenant", &tenant)]).unwrap();
+                        assert_eq!(r.status, 200, "{tenant}");
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    };
+    send_range(0, 20_000);
+    let warm = s.envoy.rss_kib();
+    send_range(20_000, 100_000);
+    let after = s.envoy.rss_kib();
+    let overflow = s
+        .envoy
+        .metric("mesh_circuit_overflow_total", &[("rule", "tenants")])
+        .unwrap_or(0.0);
+    let scrape = s.envoy.prometheus();
+    let tenant_series = scrape
+        .lines()
+        .filter(|l| l.starts_with("mesh_requests_total{") && l.contains("tenant=\"tenant-"))
+        .count();
+    let folded = s
+        .envoy
+        .metric("mesh_series_overflow_total", &[])
+        .unwrap_or(0.0);
+    eprintln!(
+        "100k tenants: Envoy RSS {warm} KiB after 20k, {after} KiB after 100k; \
+         breaker overflow {overflow}; {tenant_series} tenant series; {folded} folded"
+    );
+    // Bounded: 1000 breaker slots and 1000 label sets, whatever the cardinality.
+    assert!(overflow > 90_000.0, "{overflow}");
+    assert!(tenant_series <= 1000, "{tenant_series}");
+    assert!(folded > 90_000.0, "{folded}");
+    assert!(
+        after < warm + 8 * 1024,
+        "RSS grew from {warm} KiB to {after} KiB"
+    );
+    assert_eq!(
+        s.v1.requests(),
+        100_000,
+        "every request reached the upstream"
+    );
+    assert_eq!(log_panics(&s.envoy), Vec::<String>::new());
 }
