@@ -135,8 +135,8 @@ fn fail_reload_a_dead_vm_is_recreated_and_the_filter_runs_again() {
             "round {round}: the panicking request"
         );
         // Envoy recreates the dead VM on a request that reaches its worker
-        // after the reload backoff (ReloadConfig, 1 s by default); until then
-        // that worker answers 503 as under FAIL_CLOSED.
+        // after a reload backoff (about 1 s seen here); until then that
+        // worker answers 503 as under FAIL_CLOSED.
         let died = Instant::now();
         let mut answers = Vec::new();
         loop {
