@@ -620,10 +620,13 @@ fn circuit_breaker_behind_lb_hints(route_refresh: bool) {
     // v2 is healthy again: after open_for its share returns (the breaker's
     // probe succeeds and it closes), and the 1:1 split is exact again.
     v2.set_behaviour(Behaviour::default());
-    assert!(
-        requests_until_served_by(envoy.port(), "v2", 1000).is_some(),
-        "v2 never got traffic back"
-    );
+    // open_for is 6s; keep asking for up to 60s (a request count would race
+    // with how fast the upstream answers).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while requests_until_served_by(envoy.port(), "v2", 100).is_none() {
+        assert!(Instant::now() < deadline, "v2 never got traffic back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while envoy.metric("mesh_circuit_state", &[("rule", "per-cluster")]) != Some(0.0) {
         assert!(Instant::now() < deadline, "the breaker did not close");

@@ -126,3 +126,57 @@ fn route_metadata_selects_a_rule_or_switches_the_filter_off() {
         "no metadata: the first matching rule"
     );
 }
+
+#[test]
+fn route_metadata_works_for_lb_hints_too() {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let header_route = |target: &str| {
+        format!(
+            r#"{{"name": "to-{target}", "match": {{"prefix": "/", "headers": [{{"name": "x-mesh-target",
+                "string_match": {{"exact": "{target}"}}}}]}}, "route": {{"cluster": "{target}"}}}}"#
+        )
+    };
+    let md_route = |name: &str, value: &str| {
+        format!(
+            r#"{{"name": "{name}", "match": {{"prefix": "/{name}"}}, "direct_response": {{"status": 418}},
+                "metadata": {{"filter_metadata": {{"mesh-filters": {{"lb-hints": {value}}}}}}}}}"#
+        )
+    };
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new(
+                "lb-hints",
+                r#"{"route_metadata": true, "rules": [
+                    {"name": "to-v2", "targets": [{"name": "v2"}]},
+                    {"name": "to-v1", "targets": [{"name": "v1"}]}]}"#,
+            ))
+            .route_json(&header_route("v1"))
+            .route_json(&header_route("v2"))
+            .route_json(&md_route("pick", r#"{"rule": "to-v1"}"#))
+            .route_json(&md_route("off", r#"{"disabled": true}"#))
+            .route_json(r#"{"name": "default", "match": {"prefix": "/"}, "direct_response": {"status": 418}}"#)
+            .cluster("v1", v1.port())
+            .cluster("v2", v2.port())
+            .yaml(),
+    );
+    let mut c = Client::new(envoy.port());
+    let served_by = |c: &mut Client, path: &str| {
+        let r = c.get(path, &[]).unwrap();
+        (r.status, r.header("x-served-by").unwrap_or("-").to_string())
+    };
+    assert_eq!(
+        served_by(&mut c, "/pick"),
+        (200, "v1".into()),
+        "metadata selects rule to-v1"
+    );
+    assert_eq!(
+        served_by(&mut c, "/off"),
+        (418, "-".into()),
+        "metadata switches lb-hints off: no header"
+    );
+    assert_eq!(
+        served_by(&mut c, "/x"),
+        (200, "v2".into()),
+        "no metadata: the first rule"
+    );
+}

@@ -22,6 +22,9 @@ const NANOS_PER_SEC: u64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub rules: Vec<Rule>,
+    /// Read the route's `mesh-filters` metadata (one property read per
+    /// request) to select a rule or switch the filter off per route.
+    pub route_metadata: bool,
     pub response: Response,
 }
 
@@ -126,6 +129,10 @@ impl Config {
                 body: "circuit open\n".into(),
             },
         };
+        let route_metadata = match f.optional("route_metadata") {
+            Some(n) => n.bool()?,
+            None => false,
+        };
         let mut rules: Vec<Rule> = Vec::new();
         if let Some(n) = f.optional("rules") {
             for (index, item) in n.list()?.iter().enumerate() {
@@ -140,7 +147,11 @@ impl Config {
             }
         }
         f.finish()?;
-        Ok(Config { rules, response })
+        Ok(Config {
+            rules,
+            route_metadata,
+            response,
+        })
     }
 }
 

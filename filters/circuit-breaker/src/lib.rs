@@ -16,6 +16,7 @@ mod filter;
 
 use mesh_shared::circuit::{self, CircuitState, CircuitStatus};
 use mesh_shared::hash::hash64;
+use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
 pub use breaker::{Admit, Outcome, Transition};
@@ -142,8 +143,9 @@ impl CircuitBreaker {
     /// Decides for one request: the first rule whose match holds and whose
     /// scope value is present applies.
     pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Verdict {
+        let route = RouteChoice::of(req, "circuit-breaker", self.config.route_metadata);
         for (index, rule) in self.config.rules.iter().enumerate() {
-            if !rule.matcher.matches(req) {
+            if !route.allows(&rule.name) || !rule.matcher.matches(req) {
                 continue;
             }
             let source = rule.scope.source();

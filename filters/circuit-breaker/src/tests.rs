@@ -731,3 +731,39 @@ fn a_call_re_routed_after_the_decision_is_booked_under_the_cluster_that_served_i
     let (outcome, _) = cb.complete(&s, &c, Some(b"v1"), upstream(200, 1), T0 + 2 * SEC);
     assert_eq!(outcome, Outcome::Success);
 }
+
+#[test]
+fn route_metadata_selects_a_rule_or_disables_the_filter() {
+    let (cb, s) = breaker(
+        r#"{"route_metadata": true, "rules": [
+            {"name": "strict", "consecutive_failures": 1, "open_for": "1h"},
+            {"name": "lenient", "consecutive_failures": 100, "open_for": "1h"}]}"#,
+    );
+    let with = |md: &[(&str, &[u8])]| {
+        let mut r = route("api");
+        r.route_metadata.push((
+            "circuit-breaker".into(),
+            mesh_shared::route_metadata::tests_encode(md),
+        ));
+        r
+    };
+    // "lenient" selected: failures do not open it.
+    for _ in 0..5 {
+        assert!(passed(&call(
+            &cb,
+            &s,
+            with(&[("rule", b"lenient")]),
+            T0,
+            503,
+            1
+        )));
+    }
+    // Disabled: no rule applies.
+    assert_eq!(
+        cb.check(&mut with(&[("disabled", &[1])]), &s, T0),
+        Verdict::NoRule
+    );
+    // No metadata: the first rule; one failure opens it.
+    assert!(passed(&call(&cb, &s, route("api"), T0, 503, 1)));
+    assert!(!passed(&call(&cb, &s, route("api"), T0 + SEC, 200, 1)));
+}

@@ -13,6 +13,9 @@ pub const MAX_WEIGHT: u64 = 10_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub rules: Vec<Rule>,
+    /// Read the route's `mesh-filters` metadata (one property read per
+    /// request) to select a rule or switch the filter off per route.
+    pub route_metadata: bool,
     /// The local answer when a rule has no target with a weight above zero.
     pub response: Response,
 }
@@ -116,6 +119,10 @@ impl Config {
                 body: "no target available\n".into(),
             },
         };
+        let route_metadata = match f.optional("route_metadata") {
+            Some(n) => n.bool()?,
+            None => false,
+        };
         let mut rules: Vec<Rule> = Vec::new();
         if let Some(n) = f.optional("rules") {
             for (index, item) in n.list()?.iter().enumerate() {
@@ -130,7 +137,11 @@ impl Config {
             }
         }
         f.finish()?;
-        Ok(Config { rules, response })
+        Ok(Config {
+            rules,
+            route_metadata,
+            response,
+        })
     }
 }
 

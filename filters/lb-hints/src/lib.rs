@@ -21,6 +21,7 @@ use std::cell::RefCell;
 
 use mesh_shared::circuit;
 use mesh_shared::hash::hash64;
+use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::store::{ensure, update, SharedStore, Step as Write};
 use mesh_shared::Request;
 
@@ -262,12 +263,13 @@ impl Balancer {
         now: u64,
         random: u64,
     ) -> Pick {
+        let route = RouteChoice::of(req, "lb-hints", self.config.route_metadata);
         let Some((index, rule)) = self
             .config
             .rules
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matcher.matches(req))
+            .find(|(_, r)| route.allows(&r.name) && r.matcher.matches(req))
         else {
             return Pick::NoRule;
         };

@@ -14,7 +14,7 @@ pub mod table;
 mod filter;
 
 use mesh_shared::hash::KeyHasher;
-use mesh_shared::route_metadata::{self, RouteChoice};
+use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
 pub use config::{Config, HeaderStyle, MissingKey, Rule};
@@ -107,20 +107,9 @@ impl RateLimiter {
     /// Decides for one request: the first rule whose match holds (and whose key
     /// is present, unless it says otherwise) applies.
     pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Verdict {
-        let only = if self.config.route_metadata {
-            match route_metadata::parse(req.route_metadata("ratelimit")) {
-                RouteChoice::Disabled => return Verdict::NoRule,
-                RouteChoice::Rule(name) => Some(name),
-                RouteChoice::Default => None,
-            }
-        } else {
-            None
-        };
+        let route = RouteChoice::of(req, "ratelimit", self.config.route_metadata);
         for (index, rule) in self.config.rules.iter().enumerate() {
-            if only
-                .as_ref()
-                .is_some_and(|name| name.as_slice() != rule.name.as_bytes())
-            {
+            if !route.allows(&rule.name) {
                 continue;
             }
             if !rule.matcher.matches(req) {

@@ -27,6 +27,27 @@ pub enum RouteChoice {
     Rule(Vec<u8>),
 }
 
+impl RouteChoice {
+    /// What the route says to `filter`; `Default` without a read when the
+    /// filter's `route_metadata` option is off (it costs one property read).
+    pub fn of(req: &mut dyn crate::Request, filter: &str, enabled: bool) -> RouteChoice {
+        if enabled {
+            parse(req.route_metadata(filter))
+        } else {
+            RouteChoice::Default
+        }
+    }
+
+    /// Whether the rule named `rule` may apply on this route.
+    pub fn allows(&self, rule: &str) -> bool {
+        match self {
+            RouteChoice::Default => true,
+            RouteChoice::Disabled => false,
+            RouteChoice::Rule(name) => name.as_slice() == rule.as_bytes(),
+        }
+    }
+}
+
 /// The property path of a filter's route metadata.
 pub fn property_path(filter: &str) -> [&str; 5] {
     [
