@@ -293,10 +293,48 @@ impl Parser<'_> {
         }
         let text = std::str::from_utf8(self.text.get(start..self.pos).unwrap_or_default())
             .map_err(|_| self.err("bad number"))?;
-        let float: f64 = text.parse().map_err(|_| self.err("bad number"))?;
-        let int = if integral { text.parse().ok() } else { None };
+        let int: Option<i64> = if integral { text.parse().ok() } else { None };
+        let float = match int {
+            Some(i) => i as f64,
+            None => decimal_to_f64(text).ok_or_else(|| self.err("bad number"))?,
+        };
         Ok(Value::Number(Number { int, float }))
     }
+}
+
+/// A validated JSON number as f64. Not correctly rounded in the last bit, which
+/// configuration does not need; std's exact `f64::from_str` would add ~10 KB
+/// of tables and code to every `.wasm`.
+fn decimal_to_f64(text: &str) -> Option<f64> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text),
+    };
+    let (mantissa_text, exponent_text) = match rest.find(['e', 'E']) {
+        Some(i) => (rest.get(..i)?, rest.get(i + 1..)?),
+        None => (rest, "0"),
+    };
+    let mut exponent: i32 = exponent_text.trim_start_matches('+').parse().ok()?;
+    let mut mantissa = 0f64;
+    let mut after_point = false;
+    for c in mantissa_text.chars() {
+        match c {
+            '.' => after_point = true,
+            d => {
+                mantissa = mantissa * 10.0 + f64::from(d.to_digit(10)?);
+                if after_point {
+                    exponent = exponent.saturating_sub(1);
+                }
+            }
+        }
+    }
+    let scale = 10f64.powi(exponent.unsigned_abs().min(400) as i32);
+    let value = if exponent < 0 {
+        mantissa / scale
+    } else {
+        mantissa * scale
+    };
+    Some(if negative { -value } else { value })
 }
 
 #[cfg(test)]
@@ -327,6 +365,26 @@ mod tests {
             })
         );
         assert_eq!(items[2], Value::String("xé\n".into()));
+    }
+
+    #[test]
+    fn decimals_are_close_enough() {
+        for (text, want) in [
+            ("1.5", 1.5),
+            ("-0.25", -0.25),
+            ("2e3", 2000.0),
+            ("1.25E-2", 0.0125),
+            ("99.9", 99.9),
+        ] {
+            let Value::Number(n) = parse(text.as_bytes()).unwrap() else {
+                panic!()
+            };
+            assert!(
+                (n.float - want).abs() <= want.abs() * 1e-12,
+                "{text}: {}",
+                n.float
+            );
+        }
     }
 
     #[test]
