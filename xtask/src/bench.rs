@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::build::{self, Toolchain};
-use crate::{cargo, run as run_cmd};
+use crate::run as run_cmd;
 
 const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--seconds S] [--connections C] \
 [--keys K] [--memory-requests N] [--cases a,b,...] [--no-build]";
@@ -79,20 +79,6 @@ const TARGET_SIZE_BYTES: u64 = 150 * 1024;
 /// Smaller than this, a `.wasm` in dist/ is a placeholder, not a filter.
 const STUB_BYTES: u64 = 1024;
 const PATH: &str = "/api/items";
-const WASM_TARGET: &str = "wasm32-unknown-unknown";
-/// npm's binaryen (Debian's is too old for current rustc output).
-const BINARYEN: &str = "binaryen@132";
-/// Stripped modules carry no feature section, so wasm-opt must be told what
-/// rustc's wasm32 output uses (without these it refuses memory.copy etc.).
-const WASM_OPT_FEATURES: &[&str] = &[
-    "--enable-bulk-memory",
-    "--enable-bulk-memory-opt",
-    "--enable-nontrapping-float-to-int",
-    "--enable-sign-ext",
-    "--enable-mutable-globals",
-    "--enable-multivalue",
-    "--enable-reference-types",
-];
 
 struct Options {
     rounds: usize,
@@ -260,107 +246,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 // ---------------------------------------------------------------- building
 
-/// The four filters into dist/ (unless `--no-build`), and always the no-op
-/// filter, with the same toolchain choice as `cargo xtask build`.
+/// The filters and the no-op module into dist/ with `cargo xtask build`
+/// (unless `--no-build`: then dist/ and the last build are used as they are).
 /// Returns cargo's target folder of the build (holding the as-built modules).
 fn build_modules(build_filters: bool) -> Result<PathBuf, String> {
-    let toolchain = if build_filters {
-        build::build_all()?
-    } else if rustup_has_wasm_target() {
-        println!("    --no-build: using dist/*.wasm as they are");
-        Toolchain::Rustup
+    if build_filters {
+        return build::build_all().map(|toolchain| toolchain.target_dir());
+    }
+    println!("    --no-build: using dist/*.wasm and the last build as they are");
+    let rustup = Toolchain::Rustup.target_dir();
+    Ok(if rustup.join(build::TARGET).is_dir() {
+        rustup
     } else {
-        return Err("--no-build needs rustup's wasm32-unknown-unknown target to build the no-op filter; run without --no-build".into());
-    };
-    let root = mesh_testkit::repo_root();
-    let built = match toolchain {
-        Toolchain::Rustup => {
-            run_cmd(cargo().current_dir(&root).args([
-                "build",
-                "--release",
-                "--quiet",
-                "--target",
-                WASM_TARGET,
-                "-p",
-                "noop",
-            ]))?;
-            root.join("target")
-        }
-        Toolchain::Debian => {
-            // Same as build.rs's Debian fallback, for one more package.
-            let dir = root.join("target/debian-wasm");
-            let sysroot = Command::new("rustc")
-                .args(["--print", "sysroot"])
-                .output()
-                .map_err(|e| format!("rustc --print sysroot: {e}"))?;
-            let lld = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim())
-                .join("lib/rustlib/x86_64-unknown-linux-gnu/bin");
-            let path = std::env::join_paths(std::iter::once(lld).chain(std::env::split_paths(
-                &std::env::var_os("PATH").unwrap_or_default(),
-            )))
-            .map_err(|e| e.to_string())?;
-            run_cmd(
-                Command::new("/usr/bin/cargo")
-                    .current_dir(&root)
-                    .env("PATH", path)
-                    .env("RUSTC", "/usr/bin/rustc")
-                    .env("RUSTC_BOOTSTRAP", "1")
-                    .env_remove("RUSTUP_TOOLCHAIN")
-                    .env_remove("CARGO")
-                    .args(["build", "--release", "--target", WASM_TARGET])
-                    .arg("-Zbuild-std=std,panic_abort")
-                    .arg("--target-dir")
-                    .arg(&dir)
-                    .args(["-p", "noop"]),
-            )?;
-            dir
-        }
-    };
-    let from = built.join(WASM_TARGET).join("release/noop.wasm");
-    let to = mesh_testkit::dist_dir().join("noop.wasm");
-    fs::create_dir_all(mesh_testkit::dist_dir()).map_err(|e| e.to_string())?;
-    fs::copy(&from, &to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
-    Ok(built)
+        Toolchain::Debian.target_dir()
+    })
 }
 
-fn rustup_has_wasm_target() -> bool {
-    Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim() == WASM_TARGET)
-        })
-}
-
-/// wasm-opt from npm's binaryen, installed under .tools on first use.
+/// wasm-opt as `cargo xtask build` finds or installs it.
 fn wasm_opt(root: &Path) -> Result<PathBuf, String> {
-    // The same place `cargo xtask build` installs it.
-    let prefix = root.join(".tools");
-    let bin = prefix.join("node_modules/.bin/wasm-opt");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    println!("    installing wasm-opt: npm install {BINARYEN} (into .tools)");
-    let status = Command::new("npm")
-        .args([
-            "install",
-            "--no-save",
-            "--no-audit",
-            "--no-fund",
-            "--silent",
-            "--prefix",
-        ])
-        .arg(&prefix)
-        .arg(BINARYEN)
-        .status()
-        .map_err(|e| format!("npm: {e} (install Node.js to measure wasm-opt)"))?;
-    if status.success() && bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!("npm install {BINARYEN} failed ({status})"))
-    }
+    build::wasm_opt(root)
+        .ok_or_else(|| "wasm-opt unavailable (npm could not install binaryen)".to_string())
 }
 
 struct Size {
@@ -387,7 +292,7 @@ fn measure_sizes(root: &Path, out_dir: &Path, built_dir: &Path) -> Vec<Size> {
         .map(|module| {
             let file = format!("{module}.wasm");
             let built = built_dir
-                .join(WASM_TARGET)
+                .join(build::TARGET)
                 .join("release")
                 .join(file.replace('-', "_"));
             let (raw, output) = (raw_dir.join(&file), opt_dir.join(&file));
@@ -399,7 +304,7 @@ fn measure_sizes(root: &Path, out_dir: &Path, built_dir: &Path) -> Vec<Size> {
                 (_, None) => Err("not built".into()),
                 (Ok(tool), Some(_)) => Command::new(tool)
                     .arg("-Oz")
-                    .args(WASM_OPT_FEATURES)
+                    .args(build::WASM_OPT_FEATURES)
                     .arg(&raw)
                     .arg("-o")
                     .arg(&output)

@@ -18,12 +18,24 @@ pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metr
 /// filters so the tests and the bench configs in envoy/bench find them in dist/:
 /// the panic probe of the failure-policy tests and the bench's no-op floor.
 pub const TEST_MODULES: &[&str] = &["panic-probe", "noop"];
-const TARGET: &str = "wasm32-unknown-unknown";
+pub const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 
 pub enum Toolchain {
     Rustup,
     Debian,
+}
+
+impl Toolchain {
+    /// Cargo's target folder of this toolchain's builds (modules as built,
+    /// before wasm-opt, are in `<it>/wasm32-unknown-unknown/release/`).
+    pub fn target_dir(&self) -> PathBuf {
+        let root = mesh_testkit::repo_root();
+        match self {
+            Toolchain::Rustup => root.join("target"),
+            Toolchain::Debian => root.join("target/debian-wasm"),
+        }
+    }
 }
 
 /// Builds every filter and test module; returns the toolchain used.
@@ -120,7 +132,7 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
 
 /// The wasm features rustc emits for wasm32-unknown-unknown; binaryen must be
 /// told, or it refuses the module.
-const WASM_OPT_FEATURES: &[&str] = &[
+pub const WASM_OPT_FEATURES: &[&str] = &[
     "--enable-bulk-memory",
     "--enable-bulk-memory-opt",
     "--enable-sign-ext",
@@ -134,7 +146,7 @@ const BINARYEN: &str = "binaryen@132";
 /// binaryen's `wasm-opt` (about 20% smaller modules): `$WASM_OPT`, or npm's
 /// binaryen in `.tools/`, installed on first use when npm is there (Debian's
 /// binaryen is too old for current rustc output). None: modules stay as built.
-fn wasm_opt(root: &Path) -> Option<PathBuf> {
+pub fn wasm_opt(root: &Path) -> Option<PathBuf> {
     if let Some(tool) = std::env::var_os("WASM_OPT").filter(|t| !t.is_empty()) {
         return Some(PathBuf::from(tool));
     }
