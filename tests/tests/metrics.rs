@@ -847,13 +847,19 @@ fn a_client_that_hangs_up_leaves_nothing_in_flight() {
         },
     );
     drop(conn);
-    let text = wait_for("the gauge back at 0", Duration::from_secs(30), || {
-        let text = envoy.prometheus();
-        match value_of(&text, "mesh_requests_in_flight", &gauge) {
-            Some(0.0) => Ok(text),
-            other => Err(format!("{other:?}")),
-        }
-    });
+    // A stat the filter defines at the end of the stream can reach the admin
+    // output a moment after the gauge's decrement: wait for both.
+    let text = wait_for(
+        "the gauge back at 0 and the request counted",
+        Duration::from_secs(30),
+        || {
+            let text = envoy.prometheus();
+            match value_of(&text, "mesh_requests_in_flight", &gauge) {
+                Some(0.0) if !samples(&text, "mesh_requests_total").is_empty() => Ok(text),
+                other => Err(format!("in flight {other:?}")),
+            }
+        },
+    );
     let requests = samples(&text, "mesh_requests_total");
     let labels: BTreeMap<String, String> = gauge
         .iter()

@@ -215,7 +215,7 @@ impl Http {
             }
             (None, None) => return,
         };
-        if details.as_deref() != Some(b"via_upstream") {
+        if details.as_deref() != Some(b"via_upstream") && host::log_enabled(LogLevel::Debug) {
             // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
             let details = std::str::from_utf8(details.as_deref().unwrap_or_default());
             host::log(

@@ -181,9 +181,6 @@ impl HttpContext for Http {
 
     /// The stream is over (answered, reset or aborted): record it once.
     fn on_log(&mut self) {
-        if let Some(gauge) = self.in_flight.take() {
-            gauge.add(-1);
-        }
         // No request phase (an earlier filter answered): the request-side
         // labels are read now; what Envoy no longer has reads as "unknown".
         // A later filter (lb-hints) may have re-routed the request: count it
@@ -217,5 +214,10 @@ impl HttpContext for Http {
         ids.duration.record(elapsed_ms);
         ids.request_bytes.record(self.request_bytes);
         ids.response_bytes.record(self.response_bytes);
+        drop(guard);
+        // Last, so a scrape that sees the request gone also sees it counted.
+        if let Some(gauge) = self.in_flight.take() {
+            gauge.add(-1);
+        }
     }
 }

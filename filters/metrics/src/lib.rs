@@ -14,8 +14,9 @@ pub mod labels;
 mod filter;
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
-use mesh_shared::hash::hash64;
+use mesh_shared::hash::{hash64, KeyHasher};
 use mesh_shared::store::{ensure, update, Step};
 use mesh_shared::SharedStore;
 
@@ -154,7 +155,7 @@ struct Entry<G, S> {
 pub struct Registry<D: Define> {
     labels: Labels,
     budget: Budget,
-    entries: HashMap<String, Entry<D::Gauge, D::Series>>,
+    entries: HashMap<String, Entry<D::Gauge, D::Series>, BuildHasherDefault<KeyHasher>>,
     overflow_gauge: Option<D::Gauge>,
     overflow_series: Option<D::Series>,
 }
@@ -164,7 +165,7 @@ impl<D: Define> Registry<D> {
         Registry {
             labels,
             budget,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             overflow_gauge: None,
             overflow_series: None,
         }

@@ -53,6 +53,19 @@ impl KeyHasher {
     }
 }
 
+/// Also a `std::hash::Hasher`, for maps with short keys from bounded sets
+/// (`HashMap<K, V, BuildHasherDefault<KeyHasher>>`), where SipHash's cost per
+/// lookup buys nothing.
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        KeyHasher::finish(self)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.part(bytes);
+    }
+}
+
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -229,6 +229,25 @@ pub fn plugin_configuration() -> Vec<u8> {
     .unwrap_or_default()
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK declares this with `*mut LogLevel`; a u32 cannot hold an
+    // invalid enum value whatever the host writes.
+    #[allow(clashing_extern_declarations)]
+    fn proxy_get_log_level(return_level: *mut u32) -> Status;
+}
+
+/// Whether Envoy would print a line at `level`: check before formatting one
+/// on a path that runs per request.
+pub fn log_enabled(level: LogLevel) -> bool {
+    let mut current = 0u32;
+    // SAFETY: the pointer is valid for the call.
+    match unsafe { proxy_get_log_level(&mut current) } {
+        Status::Ok => level as u32 >= current,
+        _ => false,
+    }
+}
+
 pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
