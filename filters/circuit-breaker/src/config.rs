@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
 use mesh_shared::hash::KeyHasher;
 use mesh_shared::json::Value;
 use mesh_shared::{Attribute, Matcher, Source};
@@ -105,11 +105,8 @@ pub struct SlowCall {
     pub rate_percent: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u32,
-    pub body: String,
-}
+/// The local answer (the shared shape).
+pub type Response = LocalResponse;
 
 impl Config {
     /// Parses the plugin configuration. `scope` names this filter instance in
@@ -122,30 +119,16 @@ impl Config {
             Some(n) => n.positive(MAX_MAX_BREAKERS)?,
             None => DEFAULT_MAX_BREAKERS,
         };
-        let response = match f.optional("response") {
-            Some(n) => parse_response(&n)?,
-            None => Response {
-                status: 503,
-                body: "circuit open\n".into(),
-            },
-        };
+        let response = LocalResponse::parse(f.optional("response"), 503, "circuit open\n")?;
         let route_metadata = match f.optional("route_metadata") {
             Some(n) => n.bool()?,
             None => false,
         };
-        let mut rules: Vec<Rule> = Vec::new();
-        if let Some(n) = f.optional("rules") {
-            for (index, item) in n.list()?.iter().enumerate() {
-                let rule = parse_rule(item, index, scope, max_breakers)?;
-                if rules.iter().any(|r| r.name == rule.name) {
-                    return Err(ConfigError {
-                        path: format!("{}.name", item.path()),
-                        message: format!("duplicate rule name \"{}\"", rule.name),
-                    });
-                }
-                rules.push(rule);
-            }
-        }
+        let rules = rules(
+            f.optional("rules"),
+            |item, index| parse_rule(item, index, scope, max_breakers),
+            |r: &Rule| r.name.as_str(),
+        )?;
         f.finish()?;
         Ok(Config {
             rules,
@@ -153,35 +136,6 @@ impl Config {
             response,
         })
     }
-}
-
-fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
-    let mut f = node.object()?;
-    let status = match f.optional("status") {
-        Some(n) => n.status()?,
-        None => 503,
-    };
-    let body = match f.optional("body") {
-        Some(n) => n.str()?.to_string(),
-        None => "circuit open\n".to_string(),
-    };
-    f.finish()?;
-    Ok(Response { status, body })
-}
-
-/// Rule names appear in stats: keep them to a safe alphabet.
-fn check_rule_name(node: &Node<'_>) -> Result<String, ConfigError> {
-    let name = node.name()?;
-    let ok = name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if !ok {
-        return Err(node.error(format!(
-            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
-        )));
-    }
-    Ok(name.to_string())
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -207,7 +161,7 @@ fn parse_rule(
     default_max_breakers: u64,
 ) -> Result<Rule, ConfigError> {
     let mut f = node.object()?;
-    let name = check_rule_name(&f.required("name")?)?;
+    let name = safe_name(&f.required("name")?)?;
     let matcher = Matcher::parse(f.optional("match").as_ref())?;
     let scope = match f.optional("scope") {
         None => Scope::Route,

@@ -1,6 +1,6 @@
 //! The lb-hints configuration (see DESIGN.md) read into a compiled [`Config`].
 
-use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
 use mesh_shared::hash::KeyHasher;
 use mesh_shared::json::Value;
 use mesh_shared::{Matcher, Source};
@@ -99,11 +99,8 @@ pub enum NoTarget {
     Pass,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u32,
-    pub body: String,
-}
+/// The local answer (the shared shape).
+pub type Response = LocalResponse;
 
 impl Config {
     /// Parses the plugin configuration. `scope` names this filter instance in
@@ -112,30 +109,16 @@ impl Config {
         let doc = parse_document(bytes)?;
         let root = Node::root(&doc);
         let mut f = root.object()?;
-        let response = match f.optional("response") {
-            Some(n) => parse_response(&n)?,
-            None => Response {
-                status: 503,
-                body: "no target available\n".into(),
-            },
-        };
+        let response = LocalResponse::parse(f.optional("response"), 503, "no target available\n")?;
         let route_metadata = match f.optional("route_metadata") {
             Some(n) => n.bool()?,
             None => false,
         };
-        let mut rules: Vec<Rule> = Vec::new();
-        if let Some(n) = f.optional("rules") {
-            for (index, item) in n.list()?.iter().enumerate() {
-                let rule = parse_rule(item, index, scope)?;
-                if rules.iter().any(|r| r.name == rule.name) {
-                    return Err(ConfigError {
-                        path: format!("{}.name", item.path()),
-                        message: format!("duplicate rule name \"{}\"", rule.name),
-                    });
-                }
-                rules.push(rule);
-            }
-        }
+        let rules = rules(
+            f.optional("rules"),
+            |item, index| parse_rule(item, index, scope),
+            |r: &Rule| r.name.as_str(),
+        )?;
         f.finish()?;
         Ok(Config {
             rules,
@@ -143,35 +126,6 @@ impl Config {
             response,
         })
     }
-}
-
-fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
-    let mut f = node.object()?;
-    let status = match f.optional("status") {
-        Some(n) => n.status()?,
-        None => 503,
-    };
-    let body = match f.optional("body") {
-        Some(n) => n.str()?.to_string(),
-        None => "no target available\n".to_string(),
-    };
-    f.finish()?;
-    Ok(Response { status, body })
-}
-
-/// Rule and target names appear in stats and headers: a safe alphabet only.
-fn safe_name(node: &Node<'_>) -> Result<String, ConfigError> {
-    let name = node.name()?;
-    let ok = name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if !ok {
-        return Err(node.error(format!(
-            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
-        )));
-    }
-    Ok(name.to_string())
 }
 
 fn weight(node: &Node<'_>) -> Result<u32, ConfigError> {

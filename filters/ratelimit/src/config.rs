@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
 use mesh_shared::hash::KeyHasher;
 use mesh_shared::{Matcher, Source};
 
@@ -55,11 +55,8 @@ pub enum MissingKey {
     Static(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u32,
-    pub body: String,
-}
+/// The local answer (the shared shape).
+pub type Response = LocalResponse;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderStyle {
@@ -82,13 +79,7 @@ impl Config {
             Some(n) => n.positive(MAX_MAX_KEYS)?,
             None => DEFAULT_MAX_KEYS,
         };
-        let response = match f.optional("response") {
-            Some(n) => parse_response(&n)?,
-            None => Response {
-                status: 429,
-                body: "rate limited\n".into(),
-            },
-        };
+        let response = LocalResponse::parse(f.optional("response"), 429, "rate limited\n")?;
         let headers = match f.optional("headers") {
             None => HeaderStyle::Draft,
             Some(n) => match n.str()? {
@@ -110,19 +101,11 @@ impl Config {
             Some(n) => n.bool()?,
             None => false,
         };
-        let mut rules: Vec<Rule> = Vec::new();
-        if let Some(n) = f.optional("rules") {
-            for (index, item) in n.list()?.iter().enumerate() {
-                let rule = parse_rule(item, index, scope, max_keys)?;
-                if rules.iter().any(|r| r.name == rule.name) {
-                    return Err(ConfigError {
-                        path: format!("{}.name", item.path()),
-                        message: format!("duplicate rule name \"{}\"", rule.name),
-                    });
-                }
-                rules.push(rule);
-            }
-        }
+        let rules = rules(
+            f.optional("rules"),
+            |item, index| parse_rule(item, index, scope, max_keys),
+            |r: &Rule| r.name.as_str(),
+        )?;
         f.finish()?;
         Ok(Config {
             rules,
@@ -134,35 +117,6 @@ impl Config {
     }
 }
 
-fn parse_response(node: &Node<'_>) -> Result<Response, ConfigError> {
-    let mut f = node.object()?;
-    let status = match f.optional("status") {
-        Some(n) => n.status()?,
-        None => 429,
-    };
-    let body = match f.optional("body") {
-        Some(n) => n.str()?.to_string(),
-        None => "rate limited\n".to_string(),
-    };
-    f.finish()?;
-    Ok(Response { status, body })
-}
-
-/// Rule names appear in stats and headers: keep them to a safe alphabet.
-pub fn check_rule_name(node: &Node<'_>) -> Result<String, ConfigError> {
-    let name = node.name()?;
-    let ok = name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if !ok {
-        return Err(node.error(format!(
-            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
-        )));
-    }
-    Ok(name.to_string())
-}
-
 fn parse_rule(
     node: &Node<'_>,
     index: usize,
@@ -170,7 +124,7 @@ fn parse_rule(
     default_max_keys: u64,
 ) -> Result<Rule, ConfigError> {
     let mut f = node.object()?;
-    let name = check_rule_name(&f.required("name")?)?;
+    let name = safe_name(&f.required("name")?)?;
     let matcher = Matcher::parse(f.optional("match").as_ref())?;
     let mut key = Vec::new();
     if let Some(n) = f.optional("key") {

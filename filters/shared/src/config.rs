@@ -211,6 +211,77 @@ impl<'a> Node<'a> {
     }
 }
 
+/// A filter's own answer (ratelimit's 429, circuit-breaker's 503...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub body: String,
+}
+
+impl LocalResponse {
+    /// Reads `{"status": ..., "body": ...}`; what is absent takes the default.
+    pub fn parse(
+        node: Option<Node<'_>>,
+        status: u32,
+        body: &str,
+    ) -> Result<LocalResponse, ConfigError> {
+        let mut response = LocalResponse {
+            status,
+            body: body.to_string(),
+        };
+        if let Some(node) = node {
+            let mut f = node.object()?;
+            if let Some(n) = f.optional("status") {
+                response.status = n.status()?;
+            }
+            if let Some(n) = f.optional("body") {
+                response.body = n.str()?.to_string();
+            }
+            f.finish()?;
+        }
+        Ok(response)
+    }
+}
+
+/// A rule or target name: it appears in stats and headers, so a safe alphabet only.
+pub fn safe_name(node: &Node<'_>) -> Result<String, ConfigError> {
+    let name = node.name()?;
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !ok {
+        return Err(node.error(format!(
+            "\"{name}\": use up to 64 letters, digits, '-', '_', '.', ':'"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+/// Reads the `rules` list (absent: none) with `parse(rule, index)`, refusing
+/// two rules of the same name (`name_of` gives a parsed rule's name).
+pub fn rules<R>(
+    node: Option<Node<'_>>,
+    mut parse: impl FnMut(&Node<'_>, usize) -> Result<R, ConfigError>,
+    name_of: impl Fn(&R) -> &str,
+) -> Result<Vec<R>, ConfigError> {
+    let mut rules: Vec<R> = Vec::new();
+    let Some(node) = node else {
+        return Ok(rules);
+    };
+    for (index, item) in node.list()?.iter().enumerate() {
+        let rule = parse(item, index)?;
+        if rules.iter().any(|r| name_of(r) == name_of(&rule)) {
+            return Err(ConfigError {
+                path: format!("{}.name", item.path()),
+                message: format!("duplicate rule name \"{}\"", name_of(&rule)),
+            });
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
 /// The fields of one object; ask for each known field, then call [`Fields::finish`].
 pub struct Fields<'a> {
     node: Node<'a>,
