@@ -69,17 +69,11 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match Config::parse(&host::plugin_configuration()) {
-            Ok(c) => c,
-            Err(e) => {
-                host::log(LogLevel::Error, &format!("{FILTER}: {e}"));
-                return false;
-            }
+        let Some((config, scope)) = host::load_config(FILTER, |bytes, scope| {
+            Ok((Config::parse(bytes)?, scope.to_string()))
+        }) else {
+            return false;
         };
-        let scope = host::property(&["plugin_name"])
-            .and_then(|n| String::from_utf8(n).ok())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| FILTER.to_string());
         let names = Names::new(&config.prefix);
         // A module cannot choose histogram buckets, the bootstrap does: say
         // what it needs (integers only: no float formatting in the module).

@@ -87,16 +87,8 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let scope = host::property(&["plugin_name"])
-            .and_then(|n| String::from_utf8(n).ok())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| FILTER.to_string());
-        let config = match Config::parse(&host::plugin_configuration(), &scope) {
-            Ok(c) => c,
-            Err(e) => {
-                host::log(LogLevel::Error, &format!("{FILTER}: {e}"));
-                return false;
-            }
+        let Some(config) = host::load_config(FILTER, Config::parse) else {
+            return false;
         };
         let limiter = RateLimiter::new(config);
         limiter.create_tables(&HostStore);

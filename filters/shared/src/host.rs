@@ -217,6 +217,27 @@ impl Request for HostRequest {
     }
 }
 
+/// Reads and compiles the plugin configuration with `parse(bytes, scope)`,
+/// where `scope` is the Envoy plugin name (it names the filter instance in
+/// shared-data keys). A refused configuration is one error line
+/// `<filter>: <json.path>: <why>` and `None` (on_configure then returns false).
+pub fn load_config<T>(
+    filter: &str,
+    parse: impl FnOnce(&[u8], &str) -> Result<T, crate::ConfigError>,
+) -> Option<T> {
+    let scope = property(&["plugin_name"])
+        .and_then(|n| String::from_utf8(n).ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| filter.to_string());
+    match parse(&plugin_configuration(), &scope) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            log(LogLevel::Error, &format!("{filter}: {e}"));
+            None
+        }
+    }
+}
+
 /// The plugin configuration bytes handed to `on_configure`.
 pub fn plugin_configuration() -> Vec<u8> {
     hostcalls::get_buffer(
