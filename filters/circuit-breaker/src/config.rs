@@ -120,10 +120,7 @@ impl Config {
             None => DEFAULT_MAX_BREAKERS,
         };
         let response = LocalResponse::parse(f.optional("response"), 503, "circuit open\n")?;
-        let route_metadata = match f.optional("route_metadata") {
-            Some(n) => n.bool()?,
-            None => false,
-        };
+        let route_metadata = f.flag("route_metadata", false)?;
         let rules = rules(
             f.optional("rules"),
             |item, index| parse_rule(item, index, scope, max_breakers),
@@ -323,10 +320,7 @@ fn parse_failure_when(node: &Node<'_>) -> Result<FailureWhen, ConfigError> {
             ranges
         }
     };
-    let reset = match f.optional("reset") {
-        Some(n) => n.bool()?,
-        None => true,
-    };
+    let reset = f.flag("reset", true)?;
     f.finish()?;
     Ok(FailureWhen { statuses, reset })
 }

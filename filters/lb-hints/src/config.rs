@@ -110,10 +110,7 @@ impl Config {
         let root = Node::root(&doc);
         let mut f = root.object()?;
         let response = LocalResponse::parse(f.optional("response"), 503, "no target available\n")?;
-        let route_metadata = match f.optional("route_metadata") {
-            Some(n) => n.bool()?,
-            None => false,
-        };
+        let route_metadata = f.flag("route_metadata", false)?;
         let rules = rules(
             f.optional("rules"),
             |item, index| parse_rule(item, index, scope),
@@ -244,10 +241,7 @@ fn parse_rule(node: &Node<'_>, index: usize, scope: &str) -> Result<Rule, Config
             });
         }
     }
-    let avoid_open_circuits = match f.optional("avoid_open_circuits") {
-        Some(n) => n.bool()?,
-        None => false,
-    };
+    let avoid_open_circuits = f.flag("avoid_open_circuits", false)?;
     let no_target = match f.optional("no_target") {
         None => NoTarget::Reject,
         Some(n) => match n.value() {

@@ -93,14 +93,8 @@ impl Config {
                 }
             },
         };
-        let headers_on_allowed = match f.optional("headers_on_allowed") {
-            Some(n) => n.bool()?,
-            None => false,
-        };
-        let route_metadata = match f.optional("route_metadata") {
-            Some(n) => n.bool()?,
-            None => false,
-        };
+        let headers_on_allowed = f.flag("headers_on_allowed", false)?;
+        let route_metadata = f.flag("route_metadata", false)?;
         let rules = rules(
             f.optional("rules"),
             |item, index| parse_rule(item, index, scope, max_keys),
@@ -148,10 +142,7 @@ fn parse_rule(
             _ => return Err(n.error("expected \"skip\", \"deny\" or {\"static\": value}")),
         },
     };
-    let shadow = match f.optional("shadow") {
-        Some(n) => n.bool()?,
-        None => false,
-    };
+    let shadow = f.flag("shadow", false)?;
     let max_keys = match f.optional("max_keys") {
         Some(n) => n.positive(MAX_MAX_KEYS)?,
         None => default_max_keys,

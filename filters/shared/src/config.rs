@@ -316,6 +316,11 @@ impl<'a> Fields<'a> {
         })
     }
 
+    /// An optional `true`/`false` field.
+    pub fn flag(&mut self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        self.optional(name).map_or(Ok(default), |n| n.bool())
+    }
+
     pub fn required(&mut self, name: &'static str) -> Result<Node<'a>, ConfigError> {
         self.optional(name).ok_or_else(|| ConfigError {
             path: self.field_path(name),
