@@ -381,6 +381,47 @@ fn split_labels(s: &str) -> Vec<String> {
     out
 }
 
+/// Starts Envoy (2 workers) with `filter` configured with `config` in front of
+/// an upstream and checks that the configuration is refused as users see it:
+/// exactly one error line from the filter, ending with `expected` (the JSON
+/// path and why), and Envoy exiting non-zero (a static config with a refused
+/// plugin never starts).
+pub fn assert_config_refused(filter: &str, config: &str, expected: &str) {
+    let upstream = crate::Upstream::start("backend");
+    let failure = Envoy::start_with(
+        &crate::Bootstrap::new()
+            .wasm(crate::WasmFilter::new(filter, config))
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port())
+            .yaml(),
+        2,
+    )
+    .err()
+    .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
+    let marker = format!("{filter}: ");
+    let error_lines: Vec<&str> = failure
+        .log
+        .lines()
+        .filter(|l| l.contains(&marker) && l.contains("[error]"))
+        .collect();
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "one error line expected; log:\n{}",
+        failure.log
+    );
+    assert!(
+        error_lines[0].ends_with(expected),
+        "got: {}\nwanted the line to end with: {expected}",
+        error_lines[0]
+    );
+    assert!(
+        failure.status.is_some_and(|s| !s.success()),
+        "{:?}",
+        failure.status
+    );
+}
+
 /// Runs `envoy --mode validate` on a config file.
 pub fn validate(config: &Path) -> io::Result<(bool, String)> {
     let bin = envoy_binary().map_err(io::Error::other)?;

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use mesh_testkit::envoy::assert_config_refused;
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{concurrent_gets, Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
 
@@ -301,38 +302,7 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         ),
     ];
     for (config, expected) in cases {
-        let upstream = Upstream::start("backend");
-        let failure = Envoy::start_with(
-            &Bootstrap::new()
-                .wasm(WasmFilter::new("circuit-breaker", config))
-                .route("open", "/", "backend")
-                .cluster("backend", upstream.port())
-                .yaml(),
-            2,
-        )
-        .err()
-        .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
-        let error_lines: Vec<&str> = failure
-            .log
-            .lines()
-            .filter(|l| l.contains("circuit-breaker: ") && l.contains("[error]"))
-            .collect();
-        assert_eq!(
-            error_lines.len(),
-            1,
-            "one error line expected; log:\n{}",
-            failure.log
-        );
-        assert!(
-            error_lines[0].ends_with(expected),
-            "got: {}\nwanted the line to end with: {expected}",
-            error_lines[0]
-        );
-        assert!(
-            failure.status.is_some_and(|s| !s.success()),
-            "{:?}",
-            failure.status
-        );
+        assert_config_refused("circuit-breaker", config, expected);
     }
 }
 

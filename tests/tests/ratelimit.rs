@@ -1,5 +1,6 @@
 //! The ratelimit filter in a real Envoy (2 workers) in front of a real upstream.
 
+use mesh_testkit::envoy::assert_config_refused;
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{concurrent_gets, Bootstrap, Envoy, Upstream, WasmFilter};
 
@@ -198,39 +199,7 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field (expected one of: headers, headers_on_allowed, max_keys, response, route_metadata, rules)"),
     ];
     for (config, expected) in cases {
-        let upstream = Upstream::start("backend");
-        let failure = Envoy::start_with(
-            &Bootstrap::new()
-                .wasm(WasmFilter::new("ratelimit", &config))
-                .route("open", "/", "backend")
-                .cluster("backend", upstream.port())
-                .yaml(),
-            2,
-        )
-        .err()
-        .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
-        let error_lines: Vec<&str> = failure
-            .log
-            .lines()
-            .filter(|l| l.contains("ratelimit: ") && l.contains("[error]"))
-            .collect();
-        assert_eq!(
-            error_lines.len(),
-            1,
-            "one error line expected; log:\n{}",
-            failure.log
-        );
-        assert!(
-            error_lines[0].ends_with(expected),
-            "got: {}\nwanted the line to end with: {expected}",
-            error_lines[0]
-        );
-        // With a static config a refused plugin stops Envoy from starting.
-        assert!(
-            failure.status.is_some_and(|s| !s.success()),
-            "{:?}",
-            failure.status
-        );
+        assert_config_refused("ratelimit", &config, expected);
     }
 }
 
