@@ -173,6 +173,27 @@ impl Bootstrap {
         self
     }
 
+    /// A route named `name` for requests under `prefix` whose `header` is
+    /// exactly `value` (how Envoy routes on the header lb-hints writes).
+    pub fn header_route(
+        self,
+        name: &str,
+        prefix: &str,
+        header: &str,
+        value: &str,
+        cluster: &str,
+    ) -> Self {
+        self.route_json(&format!(
+            r#"{{"name": {}, "match": {{"prefix": {}, "headers": [{{"name": {}, "string_match": {{"exact": {}}}}}]}},
+  "route": {{"cluster": {}}}}}"#,
+            json_string(name),
+            json_string(prefix),
+            json_string(header),
+            json_string(value),
+            json_string(cluster)
+        ))
+    }
+
     /// A complete route object as JSON.
     pub fn route_json(mut self, json: &str) -> Self {
         self.routes.push(json.to_string());

@@ -383,11 +383,6 @@ fn cluster_scope_keeps_clusters_apart() {
 #[test]
 fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call() {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let by_header = |name: &str| {
-        format!(
-            r#"{{"name": "to-{name}", "match": {{"prefix": "/", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#
-        )
-    };
     let envoy = Envoy::start(
         &Bootstrap::new()
             .wasm(
@@ -405,8 +400,8 @@ fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call() 
                 )
                 .vm_id("mesh-filters"),
             )
-            .route_json(&by_header("v1"))
-            .route_json(&by_header("v2"))
+            .header_route("to-v1", "/", "x-mesh-target", "v1", "v1")
+            .header_route("to-v2", "/", "x-mesh-target", "v2", "v2")
             .route("default", "/", "v1")
             .cluster("v1", v1.port())
             .cluster("v2", v2.port())

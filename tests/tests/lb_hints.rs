@@ -18,15 +18,9 @@ use mesh_testkit::{
 
 /// Routes on `header`: `to-v1`, `to-v2`, and the fallback `unrouted` (421).
 fn routed(bootstrap: Bootstrap, header: &str, v1: &Upstream, v2: &Upstream) -> Bootstrap {
-    let by_header = |name: &str| {
-        format!(
-            r#"{{"name": "to-{name}", "match": {{"prefix": "/", "headers": [{{"name": {h}, "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#,
-            h = json_string(header)
-        )
-    };
     bootstrap
-        .route_json(&by_header("v1"))
-        .route_json(&by_header("v2"))
+        .header_route("to-v1", "/", header, "v1", "v1")
+        .header_route("to-v2", "/", header, "v2", "v2")
         .route_json(
             r#"{"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 421, "body": {"inline_string": "unrouted\n"}}}"#,
         )

@@ -130,12 +130,6 @@ fn route_metadata_selects_a_rule_or_switches_the_filter_off() {
 #[test]
 fn route_metadata_works_for_lb_hints_too() {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let header_route = |target: &str| {
-        format!(
-            r#"{{"name": "to-{target}", "match": {{"prefix": "/", "headers": [{{"name": "x-mesh-target",
-                "string_match": {{"exact": "{target}"}}}}]}}, "route": {{"cluster": "{target}"}}}}"#
-        )
-    };
     let md_route = |name: &str, value: &str| {
         format!(
             r#"{{"name": "{name}", "match": {{"prefix": "/{name}"}}, "direct_response": {{"status": 418}},
@@ -150,8 +144,8 @@ fn route_metadata_works_for_lb_hints_too() {
                     {"name": "to-v2", "targets": [{"name": "v2"}]},
                     {"name": "to-v1", "targets": [{"name": "v1"}]}]}"#,
             ))
-            .route_json(&header_route("v1"))
-            .route_json(&header_route("v2"))
+            .header_route("to-v1", "/", "x-mesh-target", "v1", "v1")
+            .header_route("to-v2", "/", "x-mesh-target", "v2", "v2")
             .route_json(&md_route("pick", r#"{"rule": "to-v1"}"#))
             .route_json(&md_route("off", r#"{"disabled": true}"#))
             .route_json(r#"{"name": "default", "match": {"prefix": "/"}, "direct_response": {"status": 418}}"#)

@@ -235,11 +235,6 @@ struct Suite {
 
 fn suite() -> Suite {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let header_route = |name: &str| {
-        format!(
-            r#"{{"name": "reviews-{name}", "match": {{"prefix": "/reviews", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#
-        )
-    };
     let envoy = Envoy::start(
         &Bootstrap::new()
             .stat_tags(&["tenant"])
@@ -247,8 +242,8 @@ fn suite() -> Suite {
             .wasm(WasmFilter::new("ratelimit", RATELIMIT))
             .wasm(WasmFilter::new("lb-hints", LB_HINTS))
             .wasm(WasmFilter::new("circuit-breaker", CIRCUIT_BREAKER))
-            .route_json(&header_route("v1"))
-            .route_json(&header_route("v2"))
+            .header_route("reviews-v1", "/reviews", "x-mesh-target", "v1", "v1")
+            .header_route("reviews-v2", "/reviews", "x-mesh-target", "v2", "v2")
             .route("default", "/", "v1")
             .cluster("v1", v1.port())
             .cluster("v2", v2.port())

@@ -56,11 +56,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     crate::build::build_all()?;
     let v1 = Upstream::start("v1");
     let v2 = Upstream::start("v2");
-    let header_route = |name: &str| {
-        format!(
-            r#"{{"name": "reviews-{name}", "match": {{"prefix": "/reviews", "headers": [{{"name": "x-mesh-target", "string_match": {{"exact": "{name}"}}}}]}}, "route": {{"cluster": "{name}"}}}}"#
-        )
-    };
     let envoy = Envoy::start_with(
         &Bootstrap::new()
             .stat_tags(&["tenant"])
@@ -68,8 +63,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .wasm(WasmFilter::new("ratelimit", RATELIMIT))
             .wasm(WasmFilter::new("lb-hints", LB_HINTS))
             .wasm(WasmFilter::new("circuit-breaker", CIRCUIT_BREAKER))
-            .route_json(&header_route("v1"))
-            .route_json(&header_route("v2"))
+            .header_route("reviews-v1", "/reviews", "x-mesh-target", "v1", "v1")
+            .header_route("reviews-v2", "/reviews", "x-mesh-target", "v2", "v2")
             .route("api", "/api", "v1")
             .route("payments", "/payments", "v2")
             .route("default", "/", "v1")
