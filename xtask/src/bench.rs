@@ -14,7 +14,10 @@
 //!    in interleaved rounds (A B C … A B C …), recording requests/s, latency
 //!    and Envoy's CPU time per request; medians over the rounds;
 //! 4. Envoy's resident memory after a million requests with distinct keys;
-//! 5. write `target/bench/results.json` and `target/bench/results.md`.
+//! 5. Envoy's instructions per request under valgrind's callgrind, per case
+//!    and per kind of host call (`filters/hostcall-cost`): deterministic
+//!    counts, so the ratios do not move with the machine's load;
+//! 6. write `target/bench/results.json` and `target/bench/results.md`.
 //!
 //! A case whose module is missing, a stub, refused by Envoy or not answering
 //! 200 is reported as "not available" with the reason, and the rest still run.
@@ -27,10 +30,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::build::{self, Toolchain};
+use crate::callgrind::{Counted, Valgrind};
 use crate::run as run_cmd;
 
 const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--seconds S] [--connections C] \
-[--keys K] [--memory-requests N] [--cases a,b,...] [--no-build]";
+[--keys K] [--memory-requests N] [--counted-requests N] [--cases a,b,...] [--no-instructions] [--no-build]";
 
 /// The cases in the order they run in every round; `envoy/bench/<name>.yaml`.
 const CASES: &[&str] = &[
@@ -70,6 +74,24 @@ const STARTUP_CASES: &[&str] = &[
 /// (all-four holds the keyed state of ratelimit and the label sets of metrics;
 /// a million requests take about a minute each through the upstream.)
 const MEMORY_CASES: &[&str] = &["router", "all-four"];
+/// Cases whose instructions per request are counted under callgrind (the
+/// size variants are left out: they differ from `noop` / `ratelimit` only
+/// in how the module was optimized).
+const INSTRUCTION_CASES: &[&str] = &[
+    "router",
+    "noop",
+    "native-ratelimit",
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "all-four",
+    "four-noop",
+];
+/// `envoy/bench/hostcall-cost.yaml`: the host-call pricer (`filters/hostcall-cost`).
+const HOSTCALL_CASE: &str = "hostcall-cost";
+/// Calls per request when pricing a kind of host call.
+const HOSTCALLS_PER_REQUEST: u64 = 10;
 
 /// Targets from issue 8.
 const TARGET_VS_NOOP: f64 = 0.95;
@@ -86,19 +108,25 @@ struct Options {
     connections: u32,
     keys: u32,
     memory_requests: u64,
+    /// Requests counted per case under callgrind (after half as many for
+    /// warm-up; the host-call pricer counts half as many per call).
+    counted_requests: u64,
     cases: Vec<String>,
+    instructions: bool,
     build: bool,
 }
 
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options {
-            rounds: 5,
+            rounds: 3,
             seconds: 5,
             connections: 16,
             keys: 10_000,
             memory_requests: 1_000_000,
+            counted_requests: 1000,
             cases: CASES.iter().map(|c| c.to_string()).collect(),
+            instructions: true,
             build: true,
         };
         let mut it = args.iter();
@@ -117,6 +145,7 @@ impl Options {
                 "--connections" => o.connections = number(value(arg)?)? as u32,
                 "--keys" => o.keys = number(value(arg)?)? as u32,
                 "--memory-requests" => o.memory_requests = number(value(arg)?)?,
+                "--counted-requests" => o.counted_requests = number(value(arg)?)?.max(100),
                 "--cases" => {
                     o.cases = value(arg)?.split(',').map(str::to_string).collect();
                     if let Some(bad) = o.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
@@ -124,6 +153,7 @@ impl Options {
                     }
                 }
                 "--no-build" => o.build = false,
+                "--no-instructions" => o.instructions = false,
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument {other}; {USAGE}")),
             }
@@ -218,6 +248,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Err(why) => println!("    {:<20} not available: {why}", case.name),
         }
         report.memory.push((case.name.clone(), result));
+    }
+
+    if opts.instructions {
+        println!(
+            "==> instructions per request under callgrind ({} requests per case after half as many for warm-up), \
+             and what one host call costs (filters/hostcall-cost, {HOSTCALLS_PER_REQUEST} calls per request)",
+            opts.counted_requests
+        );
+        match Valgrind::ensure() {
+            Ok(valgrind) => {
+                report.valgrind_version = valgrind.version();
+                let (instructions, hostcalls) =
+                    measure_instructions(&valgrind, &envoy, &root, &cases, &opts);
+                report.instructions = instructions;
+                report.hostcalls = Some(hostcalls);
+            }
+            Err(why) => println!("    not available: {why}"),
+        }
     }
 
     drop(upstream);
@@ -726,6 +774,162 @@ struct Memory {
 }
 
 /// A fresh Envoy, then wrk with a new key per request until `memory_requests`.
+/// Sends `n` GETs over one keep-alive connection with the headers the wrk
+/// script sends (keys cycling through `keys`), plus `extra`; every answer must be 200.
+fn send_requests(port: u16, n: u64, keys: u32, extra: Option<(&str, &str)>) -> Result<(), String> {
+    const TENANTS: [&str; 3] = ["gold", "silver", "bronze"];
+    let mut client = mesh_testkit::http::Client::new(port);
+    for i in 0..n {
+        let k = i % u64::from(keys.max(1)) + 1;
+        let (api_key, user) = (format!("key-{k}"), format!("user-{k}"));
+        let mut headers = vec![
+            ("x-api-key", api_key.as_str()),
+            ("x-user-id", user.as_str()),
+            ("x-tenant", TENANTS[(k % 3) as usize]),
+        ];
+        headers.extend(extra);
+        match client.get(PATH, &headers) {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => return Err(format!("answered {} to GET {PATH}", r.status)),
+            Err(e) => return Err(format!("GET {PATH}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// A result per case name; the error says why the case is not available.
+type PerCase<T> = Vec<(String, Result<T, String>)>;
+
+/// Instructions per request of each case, and the host-call prices: Envoys
+/// under valgrind on two lanes (one per core), longest first.
+fn measure_instructions(
+    valgrind: &Valgrind,
+    envoy: &Path,
+    root: &Path,
+    cases: &[Case],
+    opts: &Options,
+) -> (PerCase<f64>, Result<Hostcalls, String>) {
+    let dir = root.join("target/bench/callgrind");
+    let one = |case: &Case, base_id: u32| -> Result<f64, String> {
+        let started = Instant::now();
+        if let Some(why) = case.unavailable(root) {
+            return Err(why);
+        }
+        let mut counted =
+            Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
+        counted.wait_answering(Duration::from_secs(300), || case.probe())?;
+        let n = opts.counted_requests;
+        send_requests(case.listener_port, n / 2, opts.keys, None)?;
+        let total = counted.count(|| send_requests(case.listener_port, n, opts.keys, None))?;
+        let per_request = total as f64 / n as f64;
+        println!(
+            "    {:<20} {:>9.0} instructions/request ({:.0} s under valgrind)",
+            case.name,
+            per_request,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(per_request)
+    };
+    // The pricer and the chain take longest: start them first.
+    let mut queue: Vec<Option<&Case>> = vec![None];
+    let mut counted: Vec<&Case> = cases
+        .iter()
+        .filter(|c| INSTRUCTION_CASES.contains(&c.name.as_str()))
+        .collect();
+    counted.sort_by_key(|c| c.modules.len() == 1);
+    queue.extend(counted.iter().map(|c| Some(*c)));
+    let queue = std::sync::Mutex::new(
+        queue
+            .into_iter()
+            .enumerate()
+            .collect::<std::collections::VecDeque<_>>(),
+    );
+    let results = std::sync::Mutex::new(Vec::new());
+    let hostcalls = std::sync::Mutex::new(Err("not run".to_string()));
+    std::thread::scope(|s| {
+        for _lane in 0..2 {
+            s.spawn(|| loop {
+                let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
+                let Some((i, job)) = next else { break };
+                let base_id = 40 + i as u32;
+                match job {
+                    Some(case) => {
+                        let r = one(case, base_id);
+                        if let Err(why) = &r {
+                            println!("    {:<20} not available: {why}", case.name);
+                        }
+                        if let Ok(mut out) = results.lock() {
+                            out.push((case.name.clone(), r));
+                        }
+                    }
+                    None => {
+                        let r = measure_hostcalls(valgrind, envoy, root, opts, base_id);
+                        if let Ok(mut h) = hostcalls.lock() {
+                            *h = r;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_default();
+    results.sort_by_key(|(name, _)| INSTRUCTION_CASES.iter().position(|c| c == name));
+    let hostcalls = hostcalls
+        .into_inner()
+        .unwrap_or_else(|_| Err("pricer panicked".into()));
+    (results, hostcalls)
+}
+
+/// What each kind of host call costs, in Envoy instructions per call.
+struct Hostcalls {
+    /// Instructions per request of `x-hostcall: none:0`.
+    base: f64,
+    /// (call, instructions per call).
+    costs: Vec<(String, f64)>,
+}
+
+/// Prices each kind of host call: instructions per request at
+/// `HOSTCALLS_PER_REQUEST` calls, minus those with none, per call.
+fn measure_hostcalls(
+    valgrind: &Valgrind,
+    envoy: &Path,
+    root: &Path,
+    opts: &Options,
+    base_id: u32,
+) -> Result<Hostcalls, String> {
+    let case = Case::load(root, HOSTCALL_CASE)?;
+    if let Some(why) = case.unavailable(root) {
+        return Err(why);
+    }
+    let dir = root.join("target/bench/callgrind");
+    let started = Instant::now();
+    let mut counted = Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
+    counted.wait_answering(Duration::from_secs(300), || case.probe())?;
+    let n = (opts.counted_requests / 2).max(100);
+    let mut per_request = |spec: &str| -> Result<f64, String> {
+        let extra = Some(("x-hostcall", spec));
+        send_requests(case.listener_port, n / 5, opts.keys, extra)?;
+        let total = counted.count(|| send_requests(case.listener_port, n, opts.keys, extra))?;
+        Ok(total as f64 / n as f64)
+    };
+    let base = per_request("none:0")?;
+    let mut costs = Vec::new();
+    for call in hostcall_cost::CALLS {
+        let with = per_request(&format!("{call}:{HOSTCALLS_PER_REQUEST}"))?;
+        costs.push((
+            call.to_string(),
+            (with - base) / HOSTCALLS_PER_REQUEST as f64,
+        ));
+    }
+    let line: Vec<String> = costs.iter().map(|(c, i)| format!("{c} {i:.0}")).collect();
+    println!(
+        "    host calls, instructions per call: {} ({:.0} s under valgrind)",
+        line.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Hostcalls { base, costs })
+}
+
 fn measure_memory(
     envoy: &Path,
     wrk: &Path,
@@ -850,6 +1054,10 @@ struct Report {
     startup: Vec<(String, Result<Vec<f64>, String>)>,
     throughput: Vec<Throughput>,
     memory: Vec<(String, Result<Memory, String>)>,
+    valgrind_version: String,
+    /// Envoy instructions per request, per case (callgrind).
+    instructions: PerCase<f64>,
+    hostcalls: Option<Result<Hostcalls, String>>,
 }
 
 /// One case against another.
@@ -905,6 +1113,23 @@ impl Report {
         })
     }
 
+    /// Instructions per request of `case` against `base`: base / case, like
+    /// a throughput ratio (1.00 = costs the same; 0.50 = twice the work).
+    fn instruction_ratio(&self, case: &str, base: &str) -> Option<f64> {
+        let of = |name: &str| {
+            self.instructions
+                .iter()
+                .find(|(c, _)| c == name)
+                .and_then(|(_, r)| r.as_ref().ok().copied())
+        };
+        Some(of(base)? / of(case)?)
+    }
+
+    fn instruction_text(&self, case: &str, base: &str) -> String {
+        self.instruction_ratio(case, base)
+            .map_or(String::new(), |r| format!("; by instructions: {r:.2}"))
+    }
+
     /// Each target of issue 8: (what, where we stand, met?).
     fn targets(&self) -> Vec<(String, String, Option<bool>)> {
         let m = self.medians();
@@ -914,7 +1139,12 @@ impl Report {
             out.push(match Self::versus(&m, filter, NOOP) {
                 Some(r) => (
                     what,
-                    format!("{:.2} (by CPU time: {:.2})", r.rps, r.cpu),
+                    format!(
+                        "{:.2} (by CPU time: {:.2}{})",
+                        r.rps,
+                        r.cpu,
+                        self.instruction_text(filter, NOOP)
+                    ),
                     Some(r.rps >= TARGET_VS_NOOP),
                 ),
                 None => (what, "not available".into(), None),
@@ -924,7 +1154,12 @@ impl Report {
         out.push(match Self::versus(&m, CHAIN, CHAIN_FLOOR) {
             Some(r) => (
                 what,
-                format!("{:.2} (by CPU time: {:.2})", r.rps, r.cpu),
+                format!(
+                    "{:.2} (by CPU time: {:.2}{})",
+                    r.rps,
+                    r.cpu,
+                    self.instruction_text(CHAIN, CHAIN_FLOOR)
+                ),
                 Some(r.rps >= TARGET_CHAIN_VS_FOUR_NOOP),
             ),
             None => (what, "not available".into(), None),
@@ -1006,6 +1241,7 @@ impl Report {
                 r.rps, r.cpu, r.extra_cpu_us
             );
         }
+        self.instructions_markdown(&mut s);
         let _ = writeln!(
             s,
             "\n### What the filters did: their non-zero counters after the rounds\n"
@@ -1089,6 +1325,86 @@ impl Report {
             let _ = writeln!(s, "| {what} | {stands} | {met} |");
         }
         s
+    }
+
+    fn instructions_markdown(&self, s: &mut String) {
+        if self.instructions.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Envoy instructions per request (callgrind, {})\n",
+            self.valgrind_version
+        );
+        let _ = writeln!(
+            s,
+            "| case | instructions/request | + vs router | + vs noop | x router | x noop |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
+        let of = |name: &str| {
+            self.instructions
+                .iter()
+                .find(|(c, _)| c == name)
+                .and_then(|(_, r)| r.as_ref().ok().copied())
+        };
+        for (case, r) in &self.instructions {
+            match r {
+                Ok(i) => {
+                    let plus =
+                        |base: &str| of(base).map_or("-".into(), |b| format!("{:+.0}", i - b));
+                    let ratio = |base: &str| {
+                        self.instruction_ratio(case, base)
+                            .map_or("-".into(), |r| format!("{r:.2}"))
+                    };
+                    let _ = writeln!(
+                        s,
+                        "| {case} | {i:.0} | {} | {} | {} | {} |",
+                        plus(BASELINE),
+                        plus(NOOP),
+                        ratio(BASELINE),
+                        ratio(NOOP)
+                    );
+                }
+                Err(why) => {
+                    let _ = writeln!(
+                        s,
+                        "| {case} | not available: {} | | | | |",
+                        why.replace('|', "/")
+                    );
+                }
+            }
+        }
+        if let (Some(chain), Some(floor)) = (of(CHAIN), of(CHAIN_FLOOR)) {
+            let _ = writeln!(
+                s,
+                "\n{CHAIN} against {CHAIN_FLOOR}: x{:.2} by instructions, {:+.0} instructions per request.",
+                floor / chain,
+                chain - floor
+            );
+        }
+        match &self.hostcalls {
+            None => {}
+            Some(Err(why)) => {
+                let _ = writeln!(s, "\nHost-call prices not available: {why}");
+            }
+            Some(Ok(h)) => {
+                let noop = of(NOOP);
+                let _ = writeln!(
+                    s,
+                    "\n### What one host call costs (filters/hostcall-cost, {HOSTCALLS_PER_REQUEST} calls per request, minus none)\n"
+                );
+                let _ = writeln!(s, "A request making no call: {:.0} instructions.\n", h.base);
+                let _ = writeln!(
+                    s,
+                    "| host call | instructions per call | share of a noop request |"
+                );
+                let _ = writeln!(s, "| --- | ---: | ---: |");
+                for (call, cost) in &h.costs {
+                    let share = noop.map_or("-".into(), |n| format!("{:.1}%", 100.0 * cost / n));
+                    let _ = writeln!(s, "| `{call}` | {cost:.0} | {share} |");
+                }
+            }
+        }
     }
 
     fn json(&self) -> String {
@@ -1206,6 +1522,53 @@ impl Report {
             })
             .collect();
         let _ = writeln!(s, "  \"memory\": [\n{}\n  ],", memory.join(",\n"));
+        let _ = writeln!(s, "  \"valgrind\": {},", q(&self.valgrind_version));
+        let instructions: Vec<String> = self
+            .instructions
+            .iter()
+            .map(|(case, r)| match r {
+                Ok(i) => {
+                    let ratio = |base: &str| {
+                        self.instruction_ratio(case, base)
+                            .map_or("null".into(), num)
+                    };
+                    format!(
+                        "    {{\"case\": {}, \"per_request\": {}, \"vs_router\": {}, \"vs_noop\": {}}}",
+                        q(case),
+                        num(*i),
+                        ratio(BASELINE),
+                        ratio(NOOP)
+                    )
+                }
+                Err(why) => format!(
+                    "    {{\"case\": {}, \"available\": false, \"reason\": {}}}",
+                    q(case),
+                    q(why)
+                ),
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  \"instructions\": [\n{}\n  ],",
+            instructions.join(",\n")
+        );
+        let hostcalls = match &self.hostcalls {
+            None => "null".to_string(),
+            Some(Err(why)) => format!("{{\"available\": false, \"reason\": {}}}", q(why)),
+            Some(Ok(h)) => {
+                let calls: Vec<String> = h
+                    .costs
+                    .iter()
+                    .map(|(c, i)| format!("{{\"call\": {}, \"instructions\": {}}}", q(c), num(*i)))
+                    .collect();
+                format!(
+                    "{{\"calls_per_request\": {HOSTCALLS_PER_REQUEST}, \"base_per_request\": {}, \"calls\": [{}]}}",
+                    num(h.base),
+                    calls.join(", ")
+                )
+            }
+        };
+        let _ = writeln!(s, "  \"hostcall_cost\": {hostcalls},");
         let targets: Vec<String> = self
             .targets()
             .into_iter()

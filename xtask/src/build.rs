@@ -16,8 +16,9 @@ use crate::{cargo, run};
 pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
 /// Modules that are not filters (never packaged or pushed), built with the
 /// filters so the tests and the bench configs in envoy/bench find them in dist/:
-/// the panic probe of the failure-policy tests and the bench's no-op floor.
-pub const TEST_MODULES: &[&str] = &["panic-probe", "noop"];
+/// the panic probe of the failure-policy tests, the bench's no-op floor and
+/// its host-call pricer.
+pub const TEST_MODULES: &[&str] = &["panic-probe", "noop", "hostcall-cost"];
 pub const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 

@@ -10,6 +10,7 @@
 
 mod bench;
 mod build;
+mod callgrind;
 mod demo;
 mod fuzz;
 mod oci;
