@@ -120,8 +120,8 @@ struct Options {
 impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options {
-            rounds: 3,
-            seconds: 5,
+            rounds: 5,
+            seconds: 3,
             connections: 16,
             keys: 10_000,
             memory_requests: 1_000_000,
@@ -1126,45 +1126,45 @@ impl Report {
         Some(of(base)? / of(case)?)
     }
 
-    fn instruction_text(&self, case: &str, base: &str) -> String {
-        self.instruction_ratio(case, base)
-            .map_or(String::new(), |r| format!("; by instructions: {r:.2}"))
-    }
-
     /// Each target of issue 8: (what, where we stand, met?).
+    ///
+    /// A throughput target is judged by the instruction ratio when callgrind
+    /// ran: with one saturated worker, requests/s is the inverse of the cost
+    /// per request, and the instruction count is that cost without the
+    /// machine's noise (a 3-5 round median of requests/s on the shared 2-core
+    /// machine has come out 0.72 and 0.96 for the same module). Without
+    /// callgrind, by the requests/s ratio.
     fn targets(&self) -> Vec<(String, String, Option<bool>)> {
         let m = self.medians();
         let mut out = Vec::new();
+        let mut judge = |case: &str, base: &str, target: f64| {
+            let what = format!("{case} >= {target:.2} x {base}");
+            let by_instructions = self.instruction_ratio(case, base);
+            let by_rps = Self::versus(&m, case, base);
+            let mut measured = Vec::new();
+            if let Some(i) = by_instructions {
+                measured.push(format!("{i:.2} by instructions"));
+            }
+            if let Some(r) = &by_rps {
+                measured.push(format!(
+                    "{:.2} by requests/s, {:.2} by CPU time",
+                    r.rps, r.cpu
+                ));
+            }
+            let met = by_instructions
+                .or(by_rps.map(|r| r.rps))
+                .map(|ratio| ratio >= target);
+            let measured = if measured.is_empty() {
+                "not available".to_string()
+            } else {
+                measured.join("; ")
+            };
+            out.push((what, measured, met));
+        };
         for filter in build::FILTERS {
-            let what = format!("{filter} >= {TARGET_VS_NOOP:.2} x noop");
-            out.push(match Self::versus(&m, filter, NOOP) {
-                Some(r) => (
-                    what,
-                    format!(
-                        "{:.2} (by CPU time: {:.2}{})",
-                        r.rps,
-                        r.cpu,
-                        self.instruction_text(filter, NOOP)
-                    ),
-                    Some(r.rps >= TARGET_VS_NOOP),
-                ),
-                None => (what, "not available".into(), None),
-            });
+            judge(filter, NOOP, TARGET_VS_NOOP);
         }
-        let what = format!("{CHAIN} >= {TARGET_CHAIN_VS_FOUR_NOOP:.2} x {CHAIN_FLOOR}");
-        out.push(match Self::versus(&m, CHAIN, CHAIN_FLOOR) {
-            Some(r) => (
-                what,
-                format!(
-                    "{:.2} (by CPU time: {:.2}{})",
-                    r.rps,
-                    r.cpu,
-                    self.instruction_text(CHAIN, CHAIN_FLOOR)
-                ),
-                Some(r.rps >= TARGET_CHAIN_VS_FOUR_NOOP),
-            ),
-            None => (what, "not available".into(), None),
-        });
+        judge(CHAIN, CHAIN_FLOOR, TARGET_CHAIN_VS_FOUR_NOOP);
         for s in self.sizes.iter().filter(|s| s.module != NOOP) {
             // What `cargo xtask build` ships: the module after wasm-opt when
             // wasm-opt runs (dist/ may hold an older or unoptimized copy).
@@ -1315,6 +1315,11 @@ impl Report {
             }
         }
         let _ = writeln!(s, "\n### Targets\n");
+        let _ = writeln!(
+            s,
+            "Throughput targets are judged by the instruction ratio when callgrind ran \
+             (deterministic), else by requests/s.\n"
+        );
         let _ = writeln!(s, "| target | measured | met |");
         let _ = writeln!(s, "| --- | --- | --- |");
         for (what, stands, met) in self.targets() {
