@@ -176,6 +176,7 @@ pub fn clippy_wasm(toolchain: &Toolchain) -> Result<(), String> {
         Toolchain::Rustup => {
             let packages: Vec<String> = FILTERS
                 .iter()
+                .chain(TEST_MODULES)
                 .flat_map(|f| ["-p".to_string(), f.to_string()])
                 .collect();
             run(cargo()
