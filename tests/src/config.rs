@@ -139,6 +139,22 @@ impl Bootstrap {
         self
     }
 
+    /// All four filters, each with its configuration, in the order the demo
+    /// chains them: metrics first (it counts the others' local replies),
+    /// circuit-breaker last (next to the upstream it guards).
+    pub fn all_four(
+        self,
+        metrics: &str,
+        ratelimit: &str,
+        lb_hints: &str,
+        circuit_breaker: &str,
+    ) -> Self {
+        self.wasm(WasmFilter::new("metrics", metrics))
+            .wasm(WasmFilter::new("ratelimit", ratelimit))
+            .wasm(WasmFilter::new("lb-hints", lb_hints))
+            .wasm(WasmFilter::new("circuit-breaker", circuit_breaker))
+    }
+
     /// Any other `http_filters` entry, as JSON.
     pub fn filter_json(mut self, json: &str) -> Self {
         self.filters.push(json.to_string());
@@ -192,6 +208,13 @@ impl Bootstrap {
             json_string(value),
             json_string(cluster)
         ))
+    }
+
+    /// `/reviews` to cluster v1 or v2 by the `x-mesh-target` header lb-hints
+    /// writes (routes `reviews-v1`, `reviews-v2`).
+    pub fn reviews_routes(self) -> Self {
+        self.header_route("reviews-v1", "/reviews", "x-mesh-target", "v1", "v1")
+            .header_route("reviews-v2", "/reviews", "x-mesh-target", "v2", "v2")
     }
 
     /// A complete route object as JSON.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{Client, Response};
-use mesh_testkit::{Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{Bootstrap, Envoy, Upstream};
 
 const DEFAULT_MINUTES: u64 = 10;
 const DEFAULT_RATE: u64 = 200;
@@ -59,12 +59,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let envoy = Envoy::start_with(
         &Bootstrap::new()
             .stat_tags(&["tenant"])
-            .wasm(WasmFilter::new("metrics", METRICS))
-            .wasm(WasmFilter::new("ratelimit", RATELIMIT))
-            .wasm(WasmFilter::new("lb-hints", LB_HINTS))
-            .wasm(WasmFilter::new("circuit-breaker", CIRCUIT_BREAKER))
-            .header_route("reviews-v1", "/reviews", "x-mesh-target", "v1", "v1")
-            .header_route("reviews-v2", "/reviews", "x-mesh-target", "v2", "v2")
+            .all_four(METRICS, RATELIMIT, LB_HINTS, CIRCUIT_BREAKER)
+            .reviews_routes()
             .route("api", "/api", "v1")
             .route("payments", "/payments", "v2")
             .route("default", "/", "v1")
