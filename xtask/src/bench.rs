@@ -75,20 +75,9 @@ const STARTUP_CASES: &[&str] = &[
 /// (A million requests take about three minutes through it on the 2-core
 /// machine; the router alone, measured in earlier runs, grew by 1.2 MiB.)
 const MEMORY_CASES: &[&str] = &["all-four"];
-/// Cases whose instructions per request are counted under callgrind (the
-/// size variants are left out: they differ from `noop` / `ratelimit` only
-/// in how the module was optimized).
-const INSTRUCTION_CASES: &[&str] = &[
-    "router",
-    "noop",
-    "native-ratelimit",
-    "ratelimit",
-    "circuit-breaker",
-    "lb-hints",
-    "metrics",
-    "all-four",
-    "four-noop",
-];
+/// Cases that differ from `noop` / `ratelimit` only in how the module was
+/// optimized: their instructions per request are not counted under callgrind.
+const SIZE_VARIANTS: &[&str] = &["noop-wasm-opt", "ratelimit-as-built"];
 /// `envoy/bench/hostcall-cost.yaml`: the host-call pricer (`filters/hostcall-cost`).
 const HOSTCALL_CASE: &str = "hostcall-cost";
 /// Calls per request when pricing a kind of host call.
@@ -451,22 +440,9 @@ impl Case {
             })
     }
 
-    /// The headers of the probe request (the same the wrk script sends).
+    /// One request with the headers the wrk script sends; Ok if answered 200.
     fn probe(&self) -> Result<(), String> {
-        let headers = [
-            ("x-api-key", "key-1"),
-            ("x-user-id", "user-1"),
-            ("x-tenant", "gold"),
-        ];
-        match mesh_testkit::http::get(self.listener_port, PATH, &headers) {
-            Ok(r) if r.status == 200 => Ok(()),
-            Ok(r) => Err(format!(
-                "answered {} to GET {PATH}: {}",
-                r.status,
-                first_line(&r.body_text())
-            )),
-            Err(e) => Err(format!("GET {PATH}: {e}")),
-        }
+        send_requests(self.listener_port, 1, 1, None)
     }
 }
 
@@ -500,26 +476,12 @@ impl Running {
     /// Waits until the case answers its probe with 200; returns the time
     /// since `since`. On failure, the reason (Envoy's own error line if any).
     fn wait_answering(&mut self, case: &Case, since: Instant) -> Result<Duration, String> {
-        let deadline = since + Duration::from_secs(60);
-        let mut last = String::from("no answer");
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("Envoy exited ({status}): {}", self.error_line()));
-            }
-            match case.probe() {
-                Ok(()) => return Ok(since.elapsed()),
-                // Listening but answering something else: the filter is not working.
-                Err(e) if e.starts_with("answered") => {
-                    return Err(format!("{e}; {}", self.error_line()));
-                }
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Err(format!(
-            "not answering after 60 s ({last}): {}",
-            self.error_line()
-        ))
+        let limit = Duration::from_secs(60).saturating_sub(since.elapsed());
+        wait_answering(&mut self.child, limit, Duration::from_millis(2), || {
+            case.probe()
+        })
+        .map(|()| since.elapsed())
+        .map_err(|e| format!("{e}: {}", self.error_line()))
     }
 
     /// The most telling line of Envoy's log: the first error or critical one.
@@ -775,6 +737,34 @@ struct Memory {
 }
 
 /// A fresh Envoy, then wrk with a new key per request until `memory_requests`.
+/// Polls `probe` every `poll` until it succeeds, for at most `limit`.
+/// Fails at once if Envoy exits, or answers but not 200 (probe errors
+/// starting "answered": the filter is not working, waiting will not help).
+pub fn wait_answering(
+    envoy: &mut Child,
+    limit: Duration,
+    poll: Duration,
+    probe: impl Fn() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = envoy.try_wait() {
+            return Err(format!("Envoy exited ({status})"));
+        }
+        match probe() {
+            Ok(()) => return Ok(()),
+            Err(e) if e.starts_with("answered") => return Err(e),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(poll);
+    }
+    Err(format!(
+        "not answering after {} s ({last})",
+        limit.as_secs()
+    ))
+}
+
 /// Sends `n` GETs over one keep-alive connection with the headers the wrk
 /// script sends (keys cycling through `keys`), plus `extra`; every answer must be 200.
 fn send_requests(port: u16, n: u64, keys: u32, extra: Option<(&str, &str)>) -> Result<(), String> {
@@ -791,7 +781,13 @@ fn send_requests(port: u16, n: u64, keys: u32, extra: Option<(&str, &str)>) -> R
         headers.extend(extra);
         match client.get(PATH, &headers) {
             Ok(r) if r.status == 200 => {}
-            Ok(r) => return Err(format!("answered {} to GET {PATH}", r.status)),
+            Ok(r) => {
+                return Err(format!(
+                    "answered {} to GET {PATH}: {}",
+                    r.status,
+                    first_line(&r.body_text())
+                ))
+            }
             Err(e) => return Err(format!("GET {PATH}: {e}")),
         }
     }
@@ -831,14 +827,19 @@ fn measure_instructions(
         );
         Ok(per_request)
     };
-    // The pricer and the chain take longest: start them first.
-    let mut queue: Vec<Option<&Case>> = vec![None];
+    /// What a lane runs: the host-call pricer or one case.
+    enum Job<'a> {
+        Pricer,
+        Count(&'a Case),
+    }
+    // The pricer and the chains take longest: start them first.
+    let mut queue = vec![Job::Pricer];
     let mut counted: Vec<&Case> = cases
         .iter()
-        .filter(|c| INSTRUCTION_CASES.contains(&c.name.as_str()))
+        .filter(|c| !SIZE_VARIANTS.contains(&c.name.as_str()))
         .collect();
     counted.sort_by_key(|c| std::cmp::Reverse(c.modules.len()));
-    queue.extend(counted.iter().map(|c| Some(*c)));
+    queue.extend(counted.into_iter().map(Job::Count));
     let queue = std::sync::Mutex::new(
         queue
             .into_iter()
@@ -854,7 +855,7 @@ fn measure_instructions(
                 let Some((i, job)) = next else { break };
                 let base_id = 40 + i as u32;
                 match job {
-                    Some(case) => {
+                    Job::Count(case) => {
                         let r = one(case, base_id);
                         if let Err(why) = &r {
                             println!("    {:<20} not available: {why}", case.name);
@@ -863,7 +864,7 @@ fn measure_instructions(
                             out.push((case.name.clone(), r));
                         }
                     }
-                    None => {
+                    Job::Pricer => {
                         let r = measure_hostcalls(valgrind, envoy, root, opts, base_id);
                         if let Ok(mut h) = hostcalls.lock() {
                             *h = r;
@@ -874,7 +875,7 @@ fn measure_instructions(
         }
     });
     let mut results = results.into_inner().unwrap_or_default();
-    results.sort_by_key(|(name, _)| INSTRUCTION_CASES.iter().position(|c| c == name));
+    results.sort_by_key(|(name, _)| CASES.iter().position(|c| c == name));
     let hostcalls = hostcalls
         .into_inner()
         .unwrap_or_else(|_| Err("pricer panicked".into()));
@@ -1117,13 +1118,15 @@ impl Report {
     /// Instructions per request of `case` against `base`: base / case, like
     /// a throughput ratio (1.00 = costs the same; 0.50 = twice the work).
     fn instruction_ratio(&self, case: &str, base: &str) -> Option<f64> {
-        let of = |name: &str| {
-            self.instructions
-                .iter()
-                .find(|(c, _)| c == name)
-                .and_then(|(_, r)| r.as_ref().ok().copied())
-        };
-        Some(of(base)? / of(case)?)
+        Some(self.instructions_of(base)? / self.instructions_of(case)?)
+    }
+
+    /// Instructions per request of `case`, if callgrind counted them.
+    fn instructions_of(&self, case: &str) -> Option<f64> {
+        self.instructions
+            .iter()
+            .find(|(c, _)| c == case)
+            .and_then(|(_, r)| r.as_ref().ok().copied())
     }
 
     /// Each target of issue 8: (what, where we stand, met?).
@@ -1347,12 +1350,7 @@ impl Report {
             "| case | instructions/request | + vs router | + vs noop | x router | x noop |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: |");
-        let of = |name: &str| {
-            self.instructions
-                .iter()
-                .find(|(c, _)| c == name)
-                .and_then(|(_, r)| r.as_ref().ok().copied())
-        };
+        let of = |name: &str| self.instructions_of(name);
         for (case, r) in &self.instructions {
             match r {
                 Ok(i) => {

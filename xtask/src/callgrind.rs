@@ -126,27 +126,8 @@ impl Counted {
         limit: Duration,
         probe: impl Fn() -> Result<(), String>,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        let mut last = String::from("no answer");
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "Envoy under valgrind exited ({status}); see {}",
-                    self.log.display()
-                ));
-            }
-            match probe() {
-                Ok(()) => return Ok(()),
-                Err(e) if e.starts_with("answered") => return Err(e),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        Err(format!(
-            "not answering under valgrind after {} s ({last}); see {}",
-            limit.as_secs(),
-            self.log.display()
-        ))
+        crate::bench::wait_answering(&mut self.child, limit, Duration::from_millis(500), probe)
+            .map_err(|e| format!("under valgrind: {e}; see {}", self.log.display()))
     }
 
     fn control(&self, option: &str) -> Result<(), String> {

@@ -37,11 +37,9 @@ pub fn parse(header: &[u8]) -> Option<(&'static str, u32)> {
     let text = std::str::from_utf8(header).ok()?;
     let (call, n) = text.split_once(':')?;
     let n = n.trim().parse().ok()?;
-    let call = CALLS.iter().find(|c| **c == call.trim()).copied();
-    match (call, text.trim().starts_with("none")) {
-        (Some(c), _) => Some((c, n)),
-        (None, true) => Some(("none", 0)),
-        (None, false) => None,
+    match call.trim() {
+        "none" => Some(("none", 0)),
+        call => CALLS.iter().find(|c| **c == call).map(|c| (*c, n)),
     }
 }
 
