@@ -20,6 +20,8 @@ pub mod debian;
 pub mod demo;
 pub mod envoy;
 pub mod http;
+pub mod registry;
+pub mod tools;
 pub mod upstream;
 
 use std::path::PathBuf;
@@ -41,6 +43,15 @@ pub fn dist_dir() -> PathBuf {
     std::env::var_os("MESH_DIST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("dist"))
+}
+
+/// A free TCP port on loopback (bound, read, released: another process may
+/// take it in between, which the callers' start-up checks would show).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// Sends `total` GETs from `connections` threads, each on its own keep-alive

@@ -6,10 +6,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use mesh_testkit::{debian, http, repo_root, wasm_path};
+use mesh_testkit::registry::Registry;
+use mesh_testkit::{debian, repo_root, wasm_path};
 use serde_json::Value;
 
 const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
@@ -19,78 +19,6 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LAYER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-/// A registry process on a loopback port, stopped on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let bin = debian::ensure("docker-registry", "docker-registry").unwrap();
-        let dir = std::env::temp_dir().join(format!("mesh-oci-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("store")).unwrap();
-        let port = free_port();
-        let config = dir.join("registry.yml");
-        // Not the packaged /etc config: that one wants htpasswd and listens on all addresses.
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("store").display()
-            ),
-        )
-        .unwrap();
-        let log = fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut registry = Registry { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !http::get(port, "/v2/", &[]).is_ok_and(|r| r.status == 200) {
-            if let Ok(Some(status)) = registry.child.try_wait() {
-                panic!("docker-registry exited ({status}):\n{}", registry.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry not answering on 127.0.0.1:{port}:\n{}",
-                registry.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        registry
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- registry log ----\n{}", self.log());
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -174,9 +102,9 @@ fn push_all_filters_in_three_formats_and_pull_them_back_by_digest() {
         .map(|f| (*f, fs::read(wasm_path(f)).unwrap()))
         .collect();
     let registry = Registry::start();
-    let work = registry.dir.join("pulled");
+    let work = registry.dir().join("pulled");
     fs::create_dir_all(&work).unwrap();
-    let prefix = format!("127.0.0.1:{}/mesh-filters", registry.port);
+    let prefix = format!("127.0.0.1:{}/mesh-filters", registry.port());
 
     // Exactly the README's command, with the local registry's address.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
