@@ -1,7 +1,9 @@
 //! Tools the tests run that come as Go programs (func-e, envoyproxy/ratelimit,
 //! Helm, ...): built from the Go module proxy at a pinned version into the
 //! project's tool folder, `.tools/go/<name>@<version>/bin`, once per machine.
-//! A new pin gets a new folder, so a stale build is never picked up.
+//! A new pin gets a new folder, so a stale build is never picked up. Go's
+//! module and build caches live in `.tools/go/` too ([`go_command`]): a run
+//! caches only what it built itself, inside the repository's ignored folders.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,15 +31,14 @@ pub fn go_install(package: &str, version: &str, binary: &str) -> Result<PathBuf,
     if path.is_file() {
         return Ok(path);
     }
-    let go = go_binary()?;
     eprintln!("{binary}: not built yet; go install {package}@{version}");
     let started = std::time::Instant::now();
-    let out = Command::new(&go)
+    let out = go_command()?
         .args(["install", &format!("{package}@{version}")])
         .env("GOBIN", &dir)
         .env("CGO_ENABLED", "0")
         .output()
-        .map_err(|e| format!("{}: {e}", go.display()))?;
+        .map_err(|e| format!("go install: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "go install {package}@{version} failed ({}):\n{}",
@@ -54,6 +55,17 @@ pub fn go_install(package: &str, version: &str, binary: &str) -> Result<PathBuf,
             path.display()
         ))
     }
+}
+
+/// `go` with the project's caches: modules in `.tools/go/mod`, builds in
+/// `.tools/go/cache` (made writable, so `rm -rf .tools` works).
+pub fn go_command() -> Result<Command, String> {
+    let tools = crate::repo_root().join(".tools/go");
+    let mut cmd = Command::new(go_binary()?);
+    cmd.env("GOMODCACHE", tools.join("mod"))
+        .env("GOCACHE", tools.join("cache"))
+        .env("GOFLAGS", "-modcacherw");
+    Ok(cmd)
 }
 
 /// The Go toolchain: `$GO`, else `go` on PATH, else /usr/local/go/bin/go.
