@@ -107,25 +107,33 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
             .join(format!("{}.wasm", filter.replace('-', "_")));
         let out = dist.join(format!("{filter}.wasm"));
         let kib = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1024.0;
+        let module = std::fs::read(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+        let (module, kept) =
+            crate::exports::trim(&module).map_err(|e| format!("{}: {e}", built.display()))?;
+        let trimmed = built.with_extension("trimmed.wasm");
+        std::fs::write(&trimmed, &module).map_err(|e| format!("{}: {e}", trimmed.display()))?;
         let optimized = wasm_opt.as_ref().is_some_and(|tool| {
             Command::new(tool)
                 .arg("-Oz")
                 .args(WASM_OPT_FEATURES)
-                .arg(&built)
+                .arg(&trimmed)
                 .arg("-o")
                 .arg(&out)
                 .status()
                 .is_ok_and(|s| s.success())
         });
         if !optimized {
-            std::fs::copy(&built, &out)
-                .map_err(|e| format!("{} -> {}: {e}", built.display(), out.display()))?;
+            std::fs::copy(&trimmed, &out)
+                .map_err(|e| format!("{} -> {}: {e}", trimmed.display(), out.display()))?;
         }
-        let note = if optimized {
+        let mut note = if optimized {
             format!(" (wasm-opt -Oz; {:.1} KiB as built)", kib(&built))
         } else {
             String::new()
         };
+        if let Some(kept) = kept {
+            note.push_str(&format!("; stream callbacks: {}", kept.join(", ")));
+        }
         println!("    {:<40} {:>7.1} KiB{note}", out.display(), kib(&out));
     }
     Ok(toolchain)

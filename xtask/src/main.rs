@@ -12,6 +12,7 @@ mod bench;
 mod build;
 mod callgrind;
 mod demo;
+mod exports;
 mod fuzz;
 mod oci;
 mod soak;

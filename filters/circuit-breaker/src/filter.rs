@@ -228,6 +228,10 @@ impl Http {
     }
 }
 
+// The stream callbacks `impl HttpContext for Http` handles; the build drops
+// the exports of the others (mesh_shared::callbacks).
+mesh_shared::stream_callbacks!("request_headers", "response_headers", "log");
+
 impl Context for Http {}
 
 impl HttpContext for Http {

@@ -139,6 +139,10 @@ fn set_request_header(name: &str, value: Option<&str>) {
     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
 }
 
+// The stream callbacks `impl HttpContext for Http` handles; the build drops
+// the exports of the others (mesh_shared::callbacks).
+mesh_shared::stream_callbacks!("request_headers", "log", "done");
+
 impl Context for Http {
     fn on_done(&mut self) -> bool {
         self.release();

@@ -137,6 +137,16 @@ struct Http {
     response_bytes: u64,
 }
 
+// The stream callbacks `impl HttpContext for Http` handles; the build drops
+// the exports of the others (mesh_shared::callbacks).
+mesh_shared::stream_callbacks!(
+    "request_headers",
+    "request_body",
+    "response_body",
+    "log",
+    "done"
+);
+
 impl Context for Http {
     fn on_done(&mut self) -> bool {
         true

@@ -130,6 +130,10 @@ struct Http {
     replied: bool,
 }
 
+// The stream callbacks `impl HttpContext for Http` handles; the build drops
+// the exports of the others (mesh_shared::callbacks).
+mesh_shared::stream_callbacks!("request_headers", "response_headers");
+
 impl Context for Http {}
 
 impl HttpContext for Http {

@@ -5,6 +5,7 @@
 //! trait, stat names). [`host`] implements those traits over the proxy-wasm
 //! ABI and exists only in the `wasm32` build.
 
+pub mod callbacks;
 pub mod circuit;
 pub mod clock;
 pub mod config;
