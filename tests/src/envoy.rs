@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use mesh_shared::json::{self, Value};
+use serde_json::Value;
 
 use crate::http;
 
@@ -222,27 +222,16 @@ impl Envoy {
 
     fn read_listeners(&self) -> Option<Vec<(String, u16)>> {
         let r = http::get(self.admin_port, "/listeners?format=json", &[]).ok()?;
-        let doc = json::parse(&r.body).ok()?;
-        let statuses = field(&doc, "listener_statuses")?;
-        let Value::Array(items) = statuses else {
-            return None;
-        };
-        items
+        let doc: Value = serde_json::from_slice(&r.body).ok()?;
+        doc["listener_statuses"]
+            .as_array()?
             .iter()
             .map(|l| {
-                let name = match field(l, "name")? {
-                    Value::String(s) => s.clone(),
-                    _ => return None,
-                };
-                let port = match field(
-                    field(field(l, "local_address")?, "socket_address")?,
-                    "port_value",
-                ) {
-                    Some(Value::Number(n)) => {
-                        n.int.and_then(|p| u16::try_from(p).ok()).unwrap_or(0)
-                    }
-                    _ => 0,
-                };
+                let name = l["name"].as_str()?.to_string();
+                let port = l["local_address"]["socket_address"]["port_value"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0);
                 Some((name, port))
             })
             .collect()
@@ -317,13 +306,6 @@ impl Drop for Envoy {
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    match v {
-        Value::Object(fields) => fields.iter().find(|(k, _)| k == name).map(|(_, v)| v),
-        _ => None,
     }
 }
 

@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mesh_shared::json::{self, Value};
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{concurrent_gets, debian, repo_root, Bootstrap, Envoy, Upstream, WasmFilter};
+use serde_json::Value;
 
 /// The duration buckets of the test config; the bootstrap gets the same ones.
 const BUCKETS: &str = "[1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]";
@@ -126,13 +126,6 @@ fn metric_names(expr: &str) -> Vec<String> {
         .collect()
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    match v {
-        Value::Object(fields) => fields.iter().find(|(k, _)| k == name).map(|(_, v)| v),
-        _ => None,
-    }
-}
-
 /// Every PromQL string of a Grafana dashboard: `expr` of each target and the
 /// query of each templating variable.
 fn dashboard_queries(v: &Value, out: &mut Vec<String>) {
@@ -181,8 +174,8 @@ fn alert_exprs() -> Vec<String> {
 
 fn grafana_queries() -> Vec<String> {
     let text = std::fs::read(repo_root().join("monitoring/grafana-dashboard.json")).unwrap();
-    let doc = json::parse(&text).expect("the dashboard is valid JSON");
-    assert!(matches!(field(&doc, "panels"), Some(Value::Array(p)) if !p.is_empty()));
+    let doc: Value = serde_json::from_slice(&text).expect("the dashboard is valid JSON");
+    assert!(matches!(&doc["panels"], Value::Array(p) if !p.is_empty()));
     let mut queries = Vec::new();
     dashboard_queries(&doc, &mut queries);
     assert!(queries.len() >= 15, "{queries:?}");
@@ -250,34 +243,23 @@ impl Prometheus {
     fn query(&self, promql: &str) -> Result<QueryResult, String> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
         let r = http::get(self.port, &path, &[]).map_err(|e| e.to_string())?;
-        let doc = json::parse(&r.body).map_err(|e| format!("{e:?}: {}", r.body_text()))?;
-        if field(&doc, "status") != Some(&Value::String("success".into())) {
+        let doc: Value =
+            serde_json::from_slice(&r.body).map_err(|e| format!("{e}: {}", r.body_text()))?;
+        if doc["status"] != "success" {
             return Err(r.body_text());
         }
-        let result = field(&doc, "data").and_then(|d| field(d, "result"));
-        let Some(Value::Array(items)) = result else {
+        let Some(items) = doc["data"]["result"].as_array() else {
             return Err(format!("not a vector: {}", r.body_text()));
         };
         Ok(items
             .iter()
             .filter_map(|item| {
-                let labels = match field(item, "metric")? {
-                    Value::Object(f) => f
-                        .iter()
-                        .filter_map(|(k, v)| match v {
-                            Value::String(s) => Some((k.clone(), s.clone())),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => return None,
-                };
-                let value = match field(item, "value")? {
-                    Value::Array(pair) => match pair.get(1)? {
-                        Value::String(s) => s.parse().ok()?,
-                        _ => return None,
-                    },
-                    _ => return None,
-                };
+                let labels = item["metric"]
+                    .as_object()?
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect();
+                let value = item["value"].get(1)?.as_str()?.parse().ok()?;
                 Some((labels, value))
             })
             .collect())

@@ -195,8 +195,9 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
     let cases = [
         (rule(r#"{"requests": 5, "per": "fast"}"#), r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#),
         (rule(r#"{"requests": -5, "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got -5"),
-        (rule(r#"{"requests": "many", "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"many\""),
-        (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field (expected one of: headers, headers_on_allowed, max_keys, response, route_metadata, rules)"),
+        (rule(r#"{"requests": "many", "per": "1s"}"#), "ratelimit: rules[0].limit.requests: invalid type: string \"many\", expected an integer from 1 to 1000000000"),
+        (rule(r#"{"requests": 2.5, "per": "1s"}"#), "ratelimit: rules[0].limit.requests: expected an integer from 1 to 1000000000, got a decimal number"),
+        (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field `max_kyes`, expected one of `rules`, `response`, `headers`, `headers_on_allowed`, `route_metadata`, `max_keys`"),
     ];
     for (config, expected) in cases {
         assert_config_refused("ratelimit", &config, expected);

@@ -1,11 +1,11 @@
 //! The circuit-breaker configuration (see DESIGN.md) read into a compiled [`Config`].
 
-use std::time::Duration;
-
-use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
+use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
-use mesh_shared::json::Value;
+use mesh_shared::spec::{self, unique_names, Duration, Integer, LocalResponseSpec};
 use mesh_shared::{Attribute, Matcher, Source};
+
+use crate::spec::{ConfigSpec, RuleSpec, ScopeSpec, WindowKind, WindowSize, WindowSpec};
 
 use crate::table::BreakerTable;
 
@@ -112,99 +112,124 @@ impl Config {
     /// Parses the plugin configuration. `scope` names this filter instance in
     /// shared-data keys (the Envoy plugin name).
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
-        let doc = parse_document(bytes)?;
-        let root = Node::root(&doc);
-        let mut f = root.object()?;
-        let max_breakers = match f.optional("max_breakers") {
-            Some(n) => n.positive(MAX_MAX_BREAKERS)?,
-            None => DEFAULT_MAX_BREAKERS,
-        };
-        let response = LocalResponse::parse(f.optional("response"), 503, "circuit open\n")?;
-        let route_metadata = f.flag("route_metadata", false)?;
-        let rules = rules(
-            f.optional("rules"),
-            |item, index| parse_rule(item, index, scope, max_breakers),
-            |r: &Rule| r.name.as_str(),
-        )?;
-        f.finish()?;
+        Config::compile(spec::parse(bytes)?, scope)
+    }
+
+    pub fn compile(spec: ConfigSpec, scope: &str) -> Result<Config, ConfigError> {
+        let max_breakers = spec.max_breakers.map_or(DEFAULT_MAX_BREAKERS, Integer::get);
+        let rules: Vec<Rule> = spec
+            .rules
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| compile_rule(rule, index, scope, max_breakers))
+            .collect::<Result<_, _>>()?;
+        unique_names("rules", "rule", rules.iter().map(|r| r.name.as_str()))?;
         Ok(Config {
             rules,
-            route_metadata,
-            response,
+            route_metadata: spec.route_metadata.unwrap_or(false),
+            response: LocalResponseSpec::compile(spec.response, 503, "circuit open\n"),
         })
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+/// A duration above zero and at most `max`, in nanoseconds.
+fn bounded_duration(
+    d: Duration,
+    path: impl Fn() -> String,
+    max: std::time::Duration,
+    too_long: &str,
+) -> Result<u64, ConfigError> {
+    if d.get().is_zero() {
+        return Err(ConfigError::at(path(), "must be longer than 0s"));
+    }
+    if d.get() > max {
+        return Err(ConfigError::at(path(), too_long));
+    }
+    Ok(d.nanos())
 }
 
-/// A duration above zero and at most `max`.
-fn bounded_duration(node: &Node<'_>, max: Duration, too_long: &str) -> Result<u64, ConfigError> {
-    let d = node.duration()?;
-    if d.is_zero() {
-        return Err(node.error("must be longer than 0s"));
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn compile_window(spec: WindowSpec, index: usize) -> Result<Window, ConfigError> {
+    let path = || format!("rules[{index}].window.size");
+    match (spec.kind, spec.size) {
+        (WindowKind::Count, WindowSize::Calls(size)) => Ok(Window::Count { size }),
+        (WindowKind::Time, WindowSize::Duration(d)) => {
+            let total = bounded_duration(d, path, HOUR, "must be at most 1h")?;
+            let buckets = total.div_ceil(NANOS_PER_SEC).clamp(1, MAX_TIME_BUCKETS);
+            Ok(Window::Time {
+                buckets,
+                bucket_nanos: (total / buckets).max(1),
+            })
+        }
+        (WindowKind::Count, WindowSize::Duration(_)) => Err(ConfigError::at(
+            path(),
+            format!("a count window's size is a number of calls from 1 to {MAX_COUNT_WINDOW}"),
+        )),
+        (WindowKind::Time, WindowSize::Calls(_)) => Err(ConfigError::at(
+            path(),
+            "a time window's size is a duration like \"10s\"",
+        )),
     }
-    if d > max {
-        return Err(node.error(too_long));
-    }
-    Ok(nanos(d))
 }
 
-fn parse_rule(
-    node: &Node<'_>,
+fn compile_rule(
+    spec: RuleSpec,
     index: usize,
     scope_name: &str,
     default_max_breakers: u64,
 ) -> Result<Rule, ConfigError> {
-    let mut f = node.object()?;
-    let name = safe_name(&f.required("name")?)?;
-    let matcher = Matcher::parse(f.optional("match").as_ref())?;
-    let scope = match f.optional("scope") {
-        None => Scope::Route,
-        Some(n) => parse_scope(&n)?,
+    let name = spec.name.0;
+    let scope = match spec.scope {
+        None | Some(ScopeSpec::Route) => Scope::Route,
+        Some(ScopeSpec::Cluster) => Scope::Cluster,
+        Some(ScopeSpec::Header(h)) => Scope::Header(h.0),
     };
-    let window = match f.optional("window") {
+    let window = match spec.window {
         None => Window::Count { size: 100 },
-        Some(n) => parse_window(&n)?,
+        Some(w) => compile_window(w, index)?,
     };
-    let minimum_calls = match f.optional("minimum_calls") {
-        Some(n) => n.positive(1_000_000)?,
-        None => 100,
-    };
-    let failure_rate_percent = match f.optional("failure_rate_percent") {
-        Some(n) => n.positive(100)?,
-        None => 50,
-    };
-    let failure_when = match f.optional("failure_when") {
+    let minimum_calls = spec.minimum_calls.map_or(100, Integer::get);
+    let failure_rate_percent = spec.failure_rate_percent.map_or(50, Integer::get);
+    let failure_when = match spec.failure_when {
         None => FailureWhen {
             statuses: vec![(500, 599)],
             reset: true,
         },
-        Some(n) => parse_failure_when(&n)?,
+        Some(f) => FailureWhen {
+            statuses: f.statuses.map_or_else(
+                || vec![(500, 599)],
+                |s| s.iter().map(|r| (r.0, r.1)).collect(),
+            ),
+            reset: f.reset.unwrap_or(true),
+        },
     };
-    let slow_call = match f.optional("slow_call") {
+    let slow_call = match spec.slow_call {
         None => None,
-        Some(n) => Some(parse_slow_call(&n)?),
+        Some(s) => Some(SlowCall {
+            duration_nanos: bounded_duration(
+                s.duration,
+                || format!("rules[{index}].slow_call.duration"),
+                HOUR,
+                "must be at most 1h",
+            )?,
+            rate_percent: s.rate_percent.map_or(100, Integer::get),
+        }),
     };
-    let consecutive_failures = match f.optional("consecutive_failures") {
-        // int_in bounds it to 0..=1_000_000.
-        Some(n) => n.int_in(0, 1_000_000)? as u64,
-        None => 0,
-    };
-    let open_for_nanos = match f.optional("open_for") {
-        Some(n) => bounded_duration(&n, Duration::from_secs(86_400), "must be at most 1 day")?,
+    let consecutive_failures = spec.consecutive_failures.map_or(0, Integer::get);
+    let open_for_nanos = match spec.open_for {
+        Some(d) => bounded_duration(
+            d,
+            || format!("rules[{index}].open_for"),
+            std::time::Duration::from_secs(86_400),
+            "must be at most 1 day",
+        )?,
         None => 60 * NANOS_PER_SEC,
     };
-    let half_open_calls = match f.optional("half_open_calls") {
-        Some(n) => n.positive(1000)?,
-        None => 10,
-    };
-    let max_breakers = match f.optional("max_breakers") {
-        Some(n) => n.positive(MAX_MAX_BREAKERS)?,
-        None => default_max_breakers,
-    };
-    f.finish()?;
+    let half_open_calls = spec.half_open_calls.map_or(10, Integer::get);
+    let max_breakers = spec.max_breakers.map_or(default_max_breakers, Integer::get);
+    let matcher = Matcher::compile(spec.matcher);
 
     let policy = Policy {
         window,
@@ -265,103 +290,6 @@ fn parse_rule(
         scope,
         policy,
         table,
-    })
-}
-
-fn parse_scope(node: &Node<'_>) -> Result<Scope, ConfigError> {
-    const EXPECTED: &str = "expected \"route\", \"cluster\" or {\"header\": name}";
-    match node.value() {
-        Value::String(s) if s == "route" => Ok(Scope::Route),
-        Value::String(s) if s == "cluster" => Ok(Scope::Cluster),
-        Value::String(s) => Err(node.error(format!("{EXPECTED}, got \"{s}\""))),
-        Value::Object(_) => {
-            let mut o = node.object()?;
-            let header = o.required("header")?.header_name()?;
-            o.finish()?;
-            Ok(Scope::Header(header))
-        }
-        _ => Err(node.error(EXPECTED)),
-    }
-}
-
-fn parse_window(node: &Node<'_>) -> Result<Window, ConfigError> {
-    let mut f = node.object()?;
-    let kind_node = f.required("kind")?;
-    let size = f.required("size")?;
-    let window = match kind_node.str()? {
-        "count" => Window::Count {
-            size: size.positive(MAX_COUNT_WINDOW)?,
-        },
-        "time" => {
-            let total = bounded_duration(&size, Duration::from_secs(3600), "must be at most 1h")?;
-            let buckets = total.div_ceil(NANOS_PER_SEC).clamp(1, MAX_TIME_BUCKETS);
-            Window::Time {
-                buckets,
-                bucket_nanos: (total / buckets).max(1),
-            }
-        }
-        other => {
-            return Err(kind_node.error(format!("expected \"count\" or \"time\", got \"{other}\"")))
-        }
-    };
-    f.finish()?;
-    Ok(window)
-}
-
-fn parse_failure_when(node: &Node<'_>) -> Result<FailureWhen, ConfigError> {
-    let mut f = node.object()?;
-    let statuses = match f.optional("statuses") {
-        None => vec![(500, 599)],
-        Some(n) => {
-            let mut ranges = Vec::new();
-            for item in n.list()? {
-                ranges.push(parse_status(&item)?);
-            }
-            ranges
-        }
-    };
-    let reset = f.flag("reset", true)?;
-    f.finish()?;
-    Ok(FailureWhen { statuses, reset })
-}
-
-/// `"5xx"` (a class), `"503"` or `503`.
-fn parse_status(node: &Node<'_>) -> Result<(u32, u32), ConfigError> {
-    const EXPECTED: &str = "expected a status class like \"5xx\" or a status from 100 to 599";
-    match node.value() {
-        Value::Number(n) => match n.int {
-            Some(code @ 100..=599) => Ok((code as u32, code as u32)),
-            _ => Err(node.error(EXPECTED)),
-        },
-        Value::String(s) => {
-            if let [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] = s.as_bytes() {
-                let class = u32::from(c - b'0') * 100;
-                return Ok((class, class + 99));
-            }
-            match s.parse::<u32>() {
-                Ok(code @ 100..=599) => Ok((code, code)),
-                _ => Err(node.error(format!("{EXPECTED}, got \"{s}\""))),
-            }
-        }
-        _ => Err(node.error(EXPECTED)),
-    }
-}
-
-fn parse_slow_call(node: &Node<'_>) -> Result<SlowCall, ConfigError> {
-    let mut f = node.object()?;
-    let duration_nanos = bounded_duration(
-        &f.required("duration")?,
-        Duration::from_secs(3600),
-        "must be at most 1h",
-    )?;
-    let rate_percent = match f.optional("rate_percent") {
-        Some(n) => n.positive(100)?,
-        None => 100,
-    };
-    f.finish()?;
-    Ok(SlowCall {
-        duration_nanos,
-        rate_percent,
     })
 }
 
@@ -467,8 +395,12 @@ mod tests {
             "rules[0].failure_rate_percent: expected an integer from 1 to 100, got 150"
         );
         assert_eq!(
+            err(&rule(r#""failure_rate_percent": 50.5"#)),
+            "rules[0].failure_rate_percent: expected an integer from 1 to 100, got a decimal number"
+        );
+        assert_eq!(
             err(&rule(r#""window": {"kind": "sliding", "size": 5}"#)),
-            r#"rules[0].window.kind: expected "count" or "time", got "sliding""#
+            "rules[0].window.kind: unknown variant `sliding`, expected `count` or `time`"
         );
         assert_eq!(
             err(&rule(r#""window": {"kind": "count", "size": 5000}"#)),
@@ -480,14 +412,23 @@ mod tests {
         );
         assert_eq!(
             err(&rule(r#""scope": "tenant""#)),
-            r#"rules[0].scope: expected "route", "cluster" or {"header": name}, got "tenant""#
+            "rules[0].scope: unknown variant `tenant`, expected one of `route`, `cluster`, `header`"
         );
         assert_eq!(
             err(&rule(r#""slow_call": {"rate_percent": 50}"#)),
-            "rules[0].slow_call.duration: is required"
+            "rules[0].slow_call: missing field `duration`"
         );
-        assert!(err(&rule(r#""half_open_call": 3"#))
-            .starts_with("rules[0].half_open_call: unknown field (expected one of:"));
+        assert!(err(&rule(r#""half_open_call": 3"#)).starts_with(
+            "rules[0].half_open_call: unknown field `half_open_call`, expected one of"
+        ));
+        assert_eq!(
+            err(&rule(r#""window": {"kind": "time", "size": 5}"#)),
+            "rules[0].window.size: a time window's size is a duration like \"10s\""
+        );
+        assert_eq!(
+            err(&rule(r#""window": {"kind": "count", "size": "5s"}"#)),
+            "rules[0].window.size: a count window's size is a number of calls from 1 to 1000"
+        );
         assert_eq!(
             err(r#"{"rules": [{"name": "a"}, {"name": "a"}]}"#),
             "rules[1].name: duplicate rule name \"a\""
@@ -496,7 +437,7 @@ mod tests {
             err(r#"{"response": {"status": 99}}"#),
             "response.status: expected an integer from 200 to 599, got 99"
         );
-        assert!(err("[1]").starts_with("configuration: expected an object"));
+        assert!(err("[1]").starts_with("configuration: expected a JSON object"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod spec;
 pub mod table;
 
 #[cfg(target_arch = "wasm32")]

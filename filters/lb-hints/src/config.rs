@@ -1,9 +1,11 @@
 //! The lb-hints configuration (see DESIGN.md) read into a compiled [`Config`].
 
-use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
+use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
-use mesh_shared::json::Value;
+use mesh_shared::spec::{self, unique_names, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
+
+use crate::spec::{AlgorithmSpec, ConfigSpec, NoTargetSpec, RuleSpec};
 
 /// Targets per rule: a target index fits a byte in the precomputed sequences.
 pub const MAX_TARGETS: usize = 64;
@@ -67,23 +69,6 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    fn parse(node: &Node<'_>) -> Result<Algorithm, ConfigError> {
-        Ok(match node.str()? {
-            "round_robin" => Algorithm::RoundRobin,
-            "weighted_round_robin" => Algorithm::WeightedRoundRobin,
-            "random" => Algorithm::Random,
-            "weighted_random" => Algorithm::WeightedRandom,
-            "least_requests" => Algorithm::LeastRequests,
-            "sticky" => Algorithm::Sticky,
-            other => {
-                return Err(node.error(format!(
-                    "expected \"round_robin\", \"weighted_round_robin\", \"random\", \
-                     \"weighted_random\", \"least_requests\" or \"sticky\", got \"{other}\""
-                )))
-            }
-        })
-    }
-
     /// Whether the algorithm claims a position from the shared sequence counter.
     pub fn uses_sequence(self) -> bool {
         matches!(self, Algorithm::RoundRobin | Algorithm::WeightedRoundRobin)
@@ -106,151 +91,114 @@ impl Config {
     /// Parses the plugin configuration. `scope` names this filter instance in
     /// shared-data keys (the Envoy plugin name).
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
-        let doc = parse_document(bytes)?;
-        let root = Node::root(&doc);
-        let mut f = root.object()?;
-        let response = LocalResponse::parse(f.optional("response"), 503, "no target available\n")?;
-        let route_metadata = f.flag("route_metadata", false)?;
-        let rules = rules(
-            f.optional("rules"),
-            |item, index| parse_rule(item, index, scope),
-            |r: &Rule| r.name.as_str(),
-        )?;
-        f.finish()?;
+        Config::compile(spec::parse(bytes)?, scope)
+    }
+
+    pub fn compile(spec: ConfigSpec, scope: &str) -> Result<Config, ConfigError> {
+        let rules: Vec<Rule> = spec
+            .rules
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| compile_rule(rule, index, scope))
+            .collect::<Result<_, _>>()?;
+        unique_names("rules", "rule", rules.iter().map(|r| r.name.as_str()))?;
         Ok(Config {
             rules,
-            route_metadata,
-            response,
+            route_metadata: spec.route_metadata.unwrap_or(false),
+            response: LocalResponseSpec::compile(spec.response, 503, "no target available\n"),
         })
     }
 }
 
-fn weight(node: &Node<'_>) -> Result<u32, ConfigError> {
-    node.int_in(0, MAX_WEIGHT as i64).map(|w| w as u32)
-}
-
-fn parse_rule(node: &Node<'_>, index: usize, scope: &str) -> Result<Rule, ConfigError> {
-    let mut f = node.object()?;
-    let name = safe_name(&f.required("name")?)?;
-    let matcher = Matcher::parse(f.optional("match").as_ref())?;
-    let header = match f.optional("header") {
-        Some(n) => n.header_name()?,
-        None => "x-mesh-target".to_string(),
-    };
-    let targets_node = f.required("targets")?;
+fn compile_rule(spec: RuleSpec, index: usize, scope: &str) -> Result<Rule, ConfigError> {
+    let at = |rest: &str| format!("rules[{index}].{rest}");
+    let name = spec.name.0;
+    if spec.targets.is_empty() {
+        return Err(ConfigError::at(at("targets"), "must not be an empty list"));
+    }
+    if spec.targets.len() > MAX_TARGETS {
+        return Err(ConfigError::at(
+            at("targets"),
+            format!("at most {MAX_TARGETS} targets"),
+        ));
+    }
     let mut targets: Vec<Target> = Vec::new();
     let mut weights = Vec::new();
-    let items = targets_node.list()?;
-    if items.is_empty() {
-        return Err(targets_node.error("must not be an empty list"));
-    }
-    if items.len() > MAX_TARGETS {
-        return Err(targets_node.error(format!("at most {MAX_TARGETS} targets")));
-    }
-    for item in &items {
-        let mut t = item.object()?;
-        let name_node = t.required("name")?;
-        let target_name = safe_name(&name_node)?;
+    for (i, t) in spec.targets.into_iter().enumerate() {
+        let target_name = t.name.0;
         if targets.iter().any(|x| x.name == target_name) {
-            return Err(name_node.error(format!("duplicate target \"{target_name}\"")));
+            return Err(ConfigError::at(
+                at(&format!("targets[{i}].name")),
+                format!("duplicate target \"{target_name}\""),
+            ));
         }
-        let w = match t.optional("weight") {
-            Some(n) => weight(&n)?,
-            None => 1,
-        };
-        let cluster = match t.optional("cluster") {
-            Some(n) => n.name()?.to_string(),
-            None => target_name.clone(),
-        };
-        t.finish()?;
+        // Integer<0, MAX_WEIGHT> always fits a u32.
+        weights.push(t.weight.map_or(1, |w| w.get() as u32));
         targets.push(Target {
+            cluster: t.cluster.map_or_else(|| target_name.clone(), |c| c.0),
             name: target_name,
-            cluster,
         });
-        weights.push(w);
     }
-    let algorithm_node = f.optional("algorithm");
-    let algorithm = match &algorithm_node {
-        Some(n) => Algorithm::parse(n)?,
-        None => Algorithm::WeightedRoundRobin,
+    let algorithm = match spec.algorithm {
+        Some(AlgorithmSpec::RoundRobin) => Algorithm::RoundRobin,
+        None | Some(AlgorithmSpec::WeightedRoundRobin) => Algorithm::WeightedRoundRobin,
+        Some(AlgorithmSpec::Random) => Algorithm::Random,
+        Some(AlgorithmSpec::WeightedRandom) => Algorithm::WeightedRandom,
+        Some(AlgorithmSpec::LeastRequests) => Algorithm::LeastRequests,
+        Some(AlgorithmSpec::Sticky) => Algorithm::Sticky,
     };
-    let sticky = match f.optional("sticky") {
-        Some(n) => {
-            let source = Source::parse(&n)?;
-            if matches!(source, Source::Static(_)) {
-                return Err(n.error("a static value cannot tell users apart"));
-            }
-            Some(source)
-        }
-        None => None,
-    };
+    let sticky = spec.sticky.map(Source::from);
+    if matches!(sticky, Some(Source::Static(_))) {
+        return Err(ConfigError::at(
+            at("sticky"),
+            "a static value cannot tell users apart",
+        ));
+    }
     if algorithm == Algorithm::Sticky && sticky.is_none() {
-        return Err(ConfigError {
-            path: algorithm_node
-                .map(|n| n.path().to_string())
-                .unwrap_or_default(),
-            message:
-                "\"sticky\" needs the rule's \"sticky\" field (e.g. {\"header\": \"x-user-id\"})"
-                    .into(),
-        });
+        return Err(ConfigError::at(
+            at("algorithm"),
+            "\"sticky\" needs the rule's \"sticky\" field (e.g. {\"header\": \"x-user-id\"})",
+        ));
     }
-    let override_header = match f.optional("override") {
-        Some(n) => {
-            let mut o = n.object()?;
-            let h = o.required("header")?.header_name()?;
-            o.finish()?;
-            Some(h)
-        }
-        None => None,
-    };
     let mut schedule = vec![Step {
         after_nanos: 0,
         weights,
     }];
-    if let Some(n) = f.optional("steps") {
-        for item in n.list()? {
-            let mut s = item.object()?;
-            let after_node = s.required("after")?;
-            let after = after_node.duration()?;
-            let after_nanos = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
-            let previous = schedule.last().cloned().unwrap_or(Step {
-                after_nanos: 0,
-                weights: Vec::new(),
-            });
-            if after_nanos < previous.after_nanos {
-                return Err(after_node.error("steps must be in order of \"after\""));
-            }
-            // Targets a step does not name keep their previous weight.
-            let mut weights = previous.weights;
-            for (target_name, w) in s.required("weights")?.object()?.entries() {
-                let Some(i) = targets.iter().position(|t| t.name == target_name) else {
-                    return Err(w.error(format!("\"{target_name}\" is not one of the targets")));
-                };
-                if let Some(slot) = weights.get_mut(i) {
-                    *slot = weight(&w)?;
-                }
-            }
-            s.finish()?;
-            if after_nanos == 0 {
-                // A step at 0s replaces the initial weights.
-                schedule.retain(|st| st.after_nanos != 0);
-            }
-            schedule.push(Step {
-                after_nanos,
-                weights,
-            });
+    for (i, step) in spec.steps.unwrap_or_default().into_iter().enumerate() {
+        let after_nanos = step.after.nanos();
+        let previous = schedule.last().cloned().unwrap_or(Step {
+            after_nanos: 0,
+            weights: Vec::new(),
+        });
+        if after_nanos < previous.after_nanos {
+            return Err(ConfigError::at(
+                at(&format!("steps[{i}].after")),
+                "steps must be in order of \"after\"",
+            ));
         }
+        // Targets a step does not name keep their previous weight.
+        let mut weights = previous.weights;
+        for (target_name, w) in step.weights {
+            let Some(t) = targets.iter().position(|t| t.name == target_name) else {
+                return Err(ConfigError::at(
+                    at(&format!("steps[{i}].weights.{target_name}")),
+                    format!("\"{target_name}\" is not one of the targets"),
+                ));
+            };
+            if let Some(slot) = weights.get_mut(t) {
+                *slot = w.get() as u32;
+            }
+        }
+        if after_nanos == 0 {
+            // A step at 0s replaces the initial weights.
+            schedule.retain(|st| st.after_nanos != 0);
+        }
+        schedule.push(Step {
+            after_nanos,
+            weights,
+        });
     }
-    let avoid_open_circuits = f.flag("avoid_open_circuits", false)?;
-    let no_target = match f.optional("no_target") {
-        None => NoTarget::Reject,
-        Some(n) => match n.value() {
-            Value::String(s) if s == "reject" => NoTarget::Reject,
-            Value::String(s) if s == "pass" => NoTarget::Pass,
-            _ => return Err(n.error("expected \"reject\" or \"pass\"")),
-        },
-    };
-    f.finish()?;
 
     // Shared counters are keyed by what gives them meaning, so a changed rule
     // starts fresh (and restarts its step schedule) instead of misreading old ones.
@@ -270,15 +218,20 @@ fn parse_rule(node: &Node<'_>, index: usize, scope: &str) -> Result<Rule, Config
     let key_prefix = format!("mesh.lb.{scope}.{index}.{:016x}.", identity.finish());
     Ok(Rule {
         name,
-        matcher,
-        header,
+        matcher: Matcher::compile(spec.matcher),
+        header: spec
+            .header
+            .map_or_else(|| "x-mesh-target".to_string(), |h| h.0),
         targets,
         algorithm,
         sticky,
-        override_header,
+        override_header: spec.override_header.map(|o| o.header.0),
         schedule,
-        avoid_open_circuits,
-        no_target,
+        avoid_open_circuits: spec.avoid_open_circuits.unwrap_or(false),
+        no_target: match spec.no_target {
+            None | Some(NoTargetSpec::Reject) => NoTarget::Reject,
+            Some(NoTargetSpec::Pass) => NoTarget::Pass,
+        },
         key_prefix,
     })
 }
@@ -351,8 +304,8 @@ mod tests {
             error(&base(
                 r#"{"name": "a", "targets": [{"name": "v1"}], "algorithm": "fastest"}"#
             )),
-            "rules[0].algorithm: expected \"round_robin\", \"weighted_round_robin\", \"random\", \
-             \"weighted_random\", \"least_requests\" or \"sticky\", got \"fastest\""
+            "rules[0].algorithm: unknown variant `fastest`, expected one of `round_robin`, \
+             `weighted_round_robin`, `random`, `weighted_random`, `least_requests`, `sticky`"
         );
         assert_eq!(
             parse(&base(

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod sequence;
+pub mod spec;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -1,6 +1,9 @@
 //! The metrics configuration (see DESIGN.md) read into a compiled [`Config`].
 
-use mesh_shared::config::{parse_document, ConfigError, Node};
+use mesh_shared::config::ConfigError;
+use mesh_shared::spec::{self, Integer};
+
+use crate::spec::{ConfigSpec, LabelsSpec};
 
 pub const DEFAULT_PREFIX: &str = "mesh";
 pub const DEFAULT_MAX_SERIES: u64 = 10_000;
@@ -54,40 +57,31 @@ pub struct CustomLabel {
 
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let doc = parse_document(bytes)?;
-        let root = Node::root(&doc);
-        let mut f = root.object()?;
-        let prefix = match f.optional("prefix") {
-            Some(n) => {
-                let p = n.name()?;
-                if !is_metric_name(p) {
-                    return Err(n.error(format!(
-                        "\"{p}\" is not a Prometheus metric name (letters, digits, '_', \
-                         not starting with a digit)"
-                    )));
+        Config::compile(spec::parse(bytes)?)
+    }
+
+    pub fn compile(spec: ConfigSpec) -> Result<Config, ConfigError> {
+        let duration_buckets_ms = match spec.duration_buckets_ms {
+            Some(list) => {
+                let buckets: Vec<u64> = list.0.into_iter().map(Integer::get).collect();
+                if let Some(i) = (1..buckets.len()).find(|&i| buckets.get(i - 1) >= buckets.get(i))
+                {
+                    return Err(ConfigError::at(
+                        format!("duration_buckets_ms[{i}]"),
+                        "bucket bounds must increase",
+                    ));
                 }
-                p.to_string()
+                buckets
             }
-            None => DEFAULT_PREFIX.to_string(),
-        };
-        let labels = match f.optional("labels") {
-            Some(n) => parse_labels(&n)?,
-            None => Labels::default(),
-        };
-        let duration_buckets_ms = match f.optional("duration_buckets_ms") {
-            Some(n) => parse_buckets(&n)?,
             None => DEFAULT_DURATION_BUCKETS_MS.to_vec(),
         };
-        let max_series = match f.optional("max_series") {
-            Some(n) => n.positive(MAX_MAX_SERIES)?,
-            None => DEFAULT_MAX_SERIES,
-        };
-        f.finish()?;
         Ok(Config {
-            prefix,
-            labels,
+            prefix: spec
+                .prefix
+                .map_or_else(|| DEFAULT_PREFIX.to_string(), |p| p.0),
+            labels: compile_labels(spec.labels.unwrap_or_default())?,
             duration_buckets_ms,
-            max_series,
+            max_series: spec.max_series.map_or(DEFAULT_MAX_SERIES, Integer::get),
         })
     }
 }
@@ -105,121 +99,35 @@ impl Default for Labels {
     }
 }
 
-fn parse_labels(node: &Node<'_>) -> Result<Labels, ConfigError> {
-    let mut f = node.object()?;
+fn compile_labels(spec: LabelsSpec) -> Result<Labels, ConfigError> {
     let defaults = Labels::default();
-    let mut flag = |name: &'static str, default: bool| match f.optional(name) {
-        Some(n) => n.bool(),
-        None => Ok(default),
-    };
-    let route = flag("route", defaults.route)?;
-    let method = flag("method", defaults.method)?;
-    let status_code = flag("status_code", defaults.status_code)?;
-    let status_class = flag("status_class", defaults.status_class)?;
-    let cluster = flag("cluster", defaults.cluster)?;
-    let mut custom: Vec<CustomLabel> = Vec::new();
-    if let Some(n) = f.optional("custom") {
-        for item in n.list()? {
-            let label = parse_custom(&item)?;
-            if custom.iter().any(|c| c.name == label.name) {
-                return Err(ConfigError {
-                    path: format!("{}.name", item.path()),
-                    message: format!("duplicate label name \"{}\"", label.name),
-                });
-            }
-            custom.push(label);
+    let custom: Vec<CustomLabel> = spec
+        .custom
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| CustomLabel {
+            name: c.name.0,
+            header: c.header.0,
+            allowed: c.allowed.map(|a| a.into_iter().map(|v| v.0).collect()),
+            other: c.other.map_or_else(|| "other".to_string(), |o| o.0),
+        })
+        .collect();
+    for (i, label) in custom.iter().enumerate() {
+        if custom.iter().take(i).any(|c| c.name == label.name) {
+            return Err(ConfigError::at(
+                format!("labels.custom[{i}].name"),
+                format!("duplicate label name \"{}\"", label.name),
+            ));
         }
     }
-    f.finish()?;
     Ok(Labels {
-        route,
-        method,
-        status_code,
-        status_class,
-        cluster,
+        route: spec.route.unwrap_or(defaults.route),
+        method: spec.method.unwrap_or(defaults.method),
+        status_code: spec.status_code.unwrap_or(defaults.status_code),
+        status_class: spec.status_class.unwrap_or(defaults.status_class),
+        cluster: spec.cluster.unwrap_or(defaults.cluster),
         custom,
     })
-}
-
-fn parse_custom(node: &Node<'_>) -> Result<CustomLabel, ConfigError> {
-    let mut f = node.object()?;
-    let name_node = f.required("name")?;
-    let name = name_node.name()?;
-    if !is_label_name(name) {
-        return Err(name_node.error(format!(
-            "\"{name}\" is not a Prometheus label name (letters, digits, '_', not starting \
-             with a digit or \"__\")"
-        )));
-    }
-    if BUILTIN_LABELS.contains(&name) {
-        return Err(name_node.error(format!("\"{name}\" is a built-in label")));
-    }
-    let header = f.required("header")?.header_name()?;
-    let allowed = match f.optional("allowed") {
-        Some(n) => {
-            let mut values = Vec::new();
-            for item in n.list()? {
-                values.push(label_value(&item)?);
-            }
-            Some(values)
-        }
-        None => None,
-    };
-    let other = match f.optional("other") {
-        Some(n) => label_value(&n)?,
-        None => "other".to_string(),
-    };
-    f.finish()?;
-    Ok(CustomLabel {
-        name: name.to_string(),
-        header,
-        allowed,
-        other,
-    })
-}
-
-/// A label value written in the configuration: it must survive the stat name
-/// encoding unchanged, so the user's queries match what Envoy shows.
-fn label_value(node: &Node<'_>) -> Result<String, ConfigError> {
-    let v = node.name()?;
-    let ok = v.len() <= MAX_LABEL_VALUE_LEN
-        && v.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b';' && b != b'=');
-    if !ok {
-        return Err(node.error(format!(
-            "\"{v}\": use up to {MAX_LABEL_VALUE_LEN} printable ASCII characters without \
-             spaces, ';' or '='"
-        )));
-    }
-    Ok(v.to_string())
-}
-
-fn parse_buckets(node: &Node<'_>) -> Result<Vec<u64>, ConfigError> {
-    let items = node.list()?;
-    if items.is_empty() {
-        return Err(node.error("must not be an empty list"));
-    }
-    let mut buckets: Vec<u64> = Vec::with_capacity(items.len());
-    for item in &items {
-        let b = item.positive(86_400_000)?;
-        if buckets.last().is_some_and(|last| *last >= b) {
-            return Err(item.error("bucket bounds must increase"));
-        }
-        buckets.push(b);
-    }
-    Ok(buckets)
-}
-
-fn is_metric_name(s: &str) -> bool {
-    let mut bytes = s.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-fn is_label_name(s: &str) -> bool {
-    is_metric_name(s) && !s.starts_with("__")
 }
 
 #[cfg(test)]
@@ -279,11 +187,11 @@ mod tests {
         assert!(err(r#"{"labels": {"rout": true}}"#).starts_with("labels.rout: unknown field"));
         assert_eq!(
             err(r#"{"labels": {"method": "yes"}}"#),
-            "labels.method: expected true or false, got \"yes\""
+            "labels.method: invalid type: string \"yes\", expected a boolean"
         );
         assert_eq!(
             err(r#"{"labels": {"custom": [{"name": "tenant"}]}}"#),
-            "labels.custom[0].header: is required"
+            "labels.custom[0]: missing field `header`"
         );
         assert_eq!(
             err(r#"{"labels": {"custom": [{"name": "route", "header": "x"}]}}"#),
@@ -302,7 +210,7 @@ mod tests {
         assert!(err(
             r#"{"labels": {"custom": [{"name": "t", "header": "x", "allowed": ["a;b"]}]}}"#
         )
-        .starts_with("labels.custom[0].allowed[0]: \"a;b\": use up to 64"));
+        .starts_with("labels.custom[0].allowed[0]: \"a;b\": use 1 to 64"));
         assert_eq!(
             err(r#"{"duration_buckets_ms": [1, 5, 5]}"#),
             "duration_buckets_ms[2]: bucket bounds must increase"

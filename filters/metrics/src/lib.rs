@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod labels;
+pub mod spec;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
-use mesh_shared::config::{parse_document, rules, safe_name, ConfigError, LocalResponse, Node};
+use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
+use mesh_shared::spec::{self, unique_names, Integer, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
 
 use crate::gcra::Gcra;
+use crate::spec::{ConfigSpec, HeaderStyleSpec, MissingKeySpec, RuleSpec};
 use crate::table::KeyTable;
 
 pub const DEFAULT_MAX_KEYS: u64 = 100_000;
@@ -72,86 +74,72 @@ impl Config {
     /// shared-data keys (the Envoy plugin name), so two instances with the
     /// same `vm_id` and different names never share buckets.
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
-        let doc = parse_document(bytes)?;
-        let root = Node::root(&doc);
-        let mut f = root.object()?;
-        let max_keys = match f.optional("max_keys") {
-            Some(n) => n.positive(MAX_MAX_KEYS)?,
-            None => DEFAULT_MAX_KEYS,
-        };
-        let response = LocalResponse::parse(f.optional("response"), 429, "rate limited\n")?;
-        let headers = match f.optional("headers") {
-            None => HeaderStyle::Draft,
-            Some(n) => match n.str()? {
-                "draft" => HeaderStyle::Draft,
-                "x-ratelimit" => HeaderStyle::XRateLimit,
-                "none" => HeaderStyle::None,
-                other => {
-                    return Err(n.error(format!(
-                        "expected \"draft\", \"x-ratelimit\" or \"none\", got \"{other}\""
-                    )))
-                }
-            },
-        };
-        let headers_on_allowed = f.flag("headers_on_allowed", false)?;
-        let route_metadata = f.flag("route_metadata", false)?;
-        let rules = rules(
-            f.optional("rules"),
-            |item, index| parse_rule(item, index, scope, max_keys),
-            |r: &Rule| r.name.as_str(),
-        )?;
-        f.finish()?;
+        Config::compile(spec::parse(bytes)?, scope)
+    }
+
+    pub fn compile(spec: ConfigSpec, scope: &str) -> Result<Config, ConfigError> {
+        let max_keys = spec.max_keys.map_or(DEFAULT_MAX_KEYS, Integer::get);
+        let rules: Vec<Rule> = spec
+            .rules
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| compile_rule(rule, index, scope, max_keys))
+            .collect::<Result<_, _>>()?;
+        unique_names("rules", "rule", rules.iter().map(|r| r.name.as_str()))?;
         Ok(Config {
             rules,
-            response,
-            headers,
-            headers_on_allowed,
-            route_metadata,
+            response: LocalResponseSpec::compile(spec.response, 429, "rate limited\n"),
+            headers: match spec.headers {
+                None | Some(HeaderStyleSpec::Draft) => HeaderStyle::Draft,
+                Some(HeaderStyleSpec::XRateLimit) => HeaderStyle::XRateLimit,
+                Some(HeaderStyleSpec::None) => HeaderStyle::None,
+            },
+            headers_on_allowed: spec.headers_on_allowed.unwrap_or(false),
+            route_metadata: spec.route_metadata.unwrap_or(false),
         })
     }
 }
 
-fn parse_rule(
-    node: &Node<'_>,
+fn compile_rule(
+    spec: RuleSpec,
     index: usize,
     scope: &str,
     default_max_keys: u64,
 ) -> Result<Rule, ConfigError> {
-    let mut f = node.object()?;
-    let name = safe_name(&f.required("name")?)?;
-    let matcher = Matcher::parse(f.optional("match").as_ref())?;
-    let mut key = Vec::new();
-    if let Some(n) = f.optional("key") {
-        for part in n.list()? {
-            key.push(Source::parse(&part)?);
-        }
+    let name = spec.name.0;
+    let key: Vec<Source> = spec
+        .key
+        .unwrap_or_default()
+        .into_iter()
+        .map(Source::from)
+        .collect();
+    let per = spec.limit.per.get();
+    let per_path = || format!("rules[{index}].limit.per");
+    if per.is_zero() {
+        return Err(ConfigError::at(per_path(), "must be longer than 0s"));
     }
-    let limit_node = f.required("limit")?;
-    let limit = parse_limit(&limit_node)?;
-    let on_missing_key = match f.optional("on_missing_key") {
-        None => MissingKey::Skip,
-        Some(n) => match n.value() {
-            mesh_shared::json::Value::String(s) if s == "skip" => MissingKey::Skip,
-            mesh_shared::json::Value::String(s) if s == "deny" => MissingKey::Deny,
-            mesh_shared::json::Value::Object(_) => {
-                let mut o = n.object()?;
-                let value = o.required("static")?.str()?.to_string();
-                o.finish()?;
-                MissingKey::Static(value)
-            }
-            _ => return Err(n.error("expected \"skip\", \"deny\" or {\"static\": value}")),
-        },
+    if per > Duration::from_secs(366 * 86_400) {
+        return Err(ConfigError::at(per_path(), "must be at most a year"));
+    }
+    let requests = spec.limit.requests.get();
+    let limit = Limit {
+        requests,
+        per,
+        burst: spec.limit.burst.map_or(requests, Integer::get),
     };
-    let shadow = f.flag("shadow", false)?;
-    let max_keys = match f.optional("max_keys") {
-        Some(n) => n.positive(MAX_MAX_KEYS)?,
-        None => default_max_keys,
+    let on_missing_key = match spec.on_missing_key {
+        None | Some(MissingKeySpec::Skip) => MissingKey::Skip,
+        Some(MissingKeySpec::Deny) => MissingKey::Deny,
+        Some(MissingKeySpec::Static(v)) => MissingKey::Static(v),
     };
-    f.finish()?;
-
     let gcra = Gcra::new(limit.requests, limit.per, limit.burst);
     // A rule without a key has exactly one bucket.
-    let max_keys = if key.is_empty() { 1 } else { max_keys };
+    let max_keys = if key.is_empty() {
+        1
+    } else {
+        spec.max_keys.map_or(default_max_keys, Integer::get)
+    };
     // Buckets are keyed by everything that gives their numbers meaning, so a
     // changed limit starts from fresh buckets instead of misreading old ones.
     let prefix = format!(
@@ -160,12 +148,12 @@ fn parse_rule(
     );
     Ok(Rule {
         name,
-        matcher,
+        matcher: Matcher::compile(spec.matcher),
         key,
         limit,
         gcra,
         on_missing_key,
-        shadow,
+        shadow: spec.shadow.unwrap_or(false),
         table: KeyTable::new(prefix, max_keys),
     })
 }
@@ -188,29 +176,6 @@ fn identity(name: &str, key: &[Source], gcra: &Gcra, max_keys: u64) -> u64 {
     h.part(&gcra.tolerance().to_le_bytes());
     h.part(&max_keys.to_le_bytes());
     h.finish()
-}
-
-fn parse_limit(node: &Node<'_>) -> Result<Limit, ConfigError> {
-    let mut f = node.object()?;
-    let requests = f.required("requests")?.positive(1_000_000_000)?;
-    let per_node = f.required("per")?;
-    let per = per_node.duration()?;
-    if per.is_zero() {
-        return Err(per_node.error("must be longer than 0s"));
-    }
-    if per > Duration::from_secs(366 * 86_400) {
-        return Err(per_node.error("must be at most a year"));
-    }
-    let burst = match f.optional("burst") {
-        Some(n) => n.positive(1_000_000_000)?,
-        None => requests,
-    };
-    f.finish()?;
-    Ok(Limit {
-        requests,
-        per,
-        burst,
-    })
 }
 
 #[cfg(test)]
@@ -291,18 +256,24 @@ mod tests {
         );
         assert_eq!(
             err(&rule(r#"{"requests": "5", "per": "1s"}"#)),
-            "rules[0].limit.requests: expected an integer from 1 to 1000000000, got \"5\""
+            "rules[0].limit.requests: invalid type: string \"5\", expected an integer from 1 to 1000000000"
+        );
+        assert_eq!(
+            err(&rule(r#"{"requests": 5.5, "per": "1s"}"#)),
+            "rules[0].limit.requests: expected an integer from 1 to 1000000000, got a decimal number"
         );
         assert_eq!(
             err(&rule(r#"{"requests": 5, "per": "0s"}"#)),
             "rules[0].limit.per: must be longer than 0s"
         );
-        assert!(err(&rule(r#"{"requests": 5, "per": "1s", "brust": 3}"#))
-            .starts_with("rules[0].limit.brust: unknown field"));
+        assert_eq!(
+            err(&rule(r#"{"requests": 5, "per": "1s", "brust": 3}"#)),
+            "rules[0].limit.brust: unknown field `brust`, expected one of `requests`, `per`, `burst`"
+        );
         assert!(err(r#"{"rules": [], "shadwo": true}"#).starts_with("shadwo: unknown field"));
         assert_eq!(
             err(r#"{"rules": [{"limit": {"requests": 1, "per": "1s"}}]}"#),
-            "rules[0].name: is required"
+            "rules[0]: missing field `name`"
         );
         assert_eq!(
             err(
@@ -312,18 +283,45 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"headers": "ietf"}"#),
-            r#"headers: expected "draft", "x-ratelimit" or "none", got "ietf""#
+            "headers: unknown variant `ietf`, expected one of `draft`, `x-ratelimit`, `none`"
         );
         assert_eq!(
             err(r#"{"response": {"status": 99}}"#),
             "response.status: expected an integer from 200 to 599, got 99"
         );
+        assert_eq!(
+            err(r#"{"rules": [{"name": "a", "limit": {"requests": 1, "per": "1s"}, "on_missing_key": "drop"}]}"#),
+            "rules[0].on_missing_key: unknown variant `drop`, expected one of `skip`, `deny`, `static`"
+        );
         assert!(
             err(r#"{"rules": [{"name": "a b", "limit": {"requests": 1, "per": "1s"}}]}"#)
                 .starts_with("rules[0].name:")
         );
-        assert!(err("[1]").starts_with("configuration: expected an object"));
+        assert!(err("[1]").starts_with("configuration: expected a JSON object"));
         assert!(err("{").starts_with("configuration: invalid JSON"));
+    }
+
+    #[test]
+    fn istio_doubles_and_other_forms() {
+        let c = Config::parse(
+            br#"{"max_keys": 50.0, "rules": [{"name": "a", "key": ["client_ip", {"header": "X-Key"}],
+                 "limit": {"requests": 100.0, "per": "1s", "burst": 2e1},
+                 "on_missing_key": {"static": "anon"}}]}"#,
+            "t",
+        )
+        .unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.limit.requests, 100);
+        assert_eq!(r.limit.burst, 20);
+        assert_eq!(r.table.max_keys(), 50);
+        assert_eq!(r.on_missing_key, MissingKey::Static("anon".into()));
+        assert_eq!(
+            r.key,
+            vec![
+                Source::Attribute(mesh_shared::Attribute::ClientIp),
+                Source::Header("x-key".into())
+            ]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod gcra;
+pub mod spec;
 pub mod table;
 
 #[cfg(target_arch = "wasm32")]

@@ -11,10 +11,10 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod hash;
-pub mod json;
 pub mod matcher;
 pub mod request;
 pub mod route_metadata;
+pub mod spec;
 pub mod stats;
 pub mod store;
 
@@ -22,7 +22,7 @@ pub mod store;
 pub mod host;
 
 pub use clock::Clock;
-pub use config::{ConfigError, Fields, Node};
+pub use config::{ConfigError, LocalResponse};
 pub use matcher::Matcher;
 pub use request::{Attribute, Request, Source};
 pub use store::SharedStore;

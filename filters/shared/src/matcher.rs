@@ -2,9 +2,14 @@
 //! block matches every request. Conditions are checked cheapest-first so a
 //! request that fails early costs few host calls.
 
-use crate::config::{ConfigError, Node};
-use crate::json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
 use crate::request::{Attribute, Request};
+use crate::spec::{checked_string, Checked, HeaderName, NonEmptyList, OneOrMany};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Matcher {
@@ -29,68 +34,130 @@ enum HeaderMatch {
     Present(bool),
 }
 
+/// A rule's `match` as written; every given condition must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Envoy route name(s) (`xds.route_name`; in Istio the VirtualService http route name).
+    pub route: Option<OneOrMany>,
+    /// The path (without the query) starts with this.
+    pub path_prefix: Option<PathSpec>,
+    /// The path (without the query) is exactly this.
+    pub path_exact: Option<PathSpec>,
+    /// The host, exact or `*.suffix`.
+    pub host: Option<HostSpec>,
+    /// HTTP methods (any case).
+    pub methods: Option<NonEmptyList<MethodSpec>>,
+    /// Header name -> exact value, or `{"present": true|false}`.
+    pub headers: Option<BTreeMap<HeaderName, HeaderMatchSpec>>,
+}
+
+/// A path: starts with '/'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathSpec(pub String);
+
+impl Checked for PathSpec {
+    const EXPECTING: &'static str = "a path starting with '/'";
+    fn check(text: &str) -> Result<Self, String> {
+        if text.starts_with('/') {
+            Ok(PathSpec(text.to_string()))
+        } else {
+            Err(format!("a path must start with '/', got \"{text}\""))
+        }
+    }
+}
+checked_string!(PathSpec);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec(HostMatch);
+
+impl Checked for HostSpec {
+    const EXPECTING: &'static str = "a host name or \"*.suffix\"";
+    fn check(text: &str) -> Result<Self, String> {
+        let h = text.to_ascii_lowercase();
+        Ok(HostSpec(match h.strip_prefix("*.") {
+            _ if h.is_empty() => return Err("must not be empty".into()),
+            Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => {
+                HostMatch::Suffix(format!(".{suffix}"))
+            }
+            _ if h.contains('*') => {
+                return Err("a wildcard is allowed only as a leading \"*.\"".into())
+            }
+            _ => HostMatch::Exact(h),
+        }))
+    }
+}
+checked_string!(HostSpec);
+
+/// An HTTP method, upper-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodSpec(pub String);
+
+impl Checked for MethodSpec {
+    const EXPECTING: &'static str = "an HTTP method";
+    fn check(text: &str) -> Result<Self, String> {
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphabetic()) {
+            Ok(MethodSpec(text.to_ascii_uppercase()))
+        } else {
+            Err(format!("\"{text}\" is not an HTTP method"))
+        }
+    }
+}
+checked_string!(MethodSpec);
+
+/// A header condition: an exact value, or `{"present": true|false}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatchSpec(HeaderMatch);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresentSpec {
+    present: bool,
+}
+
+impl<'de> Deserialize<'de> for HeaderMatchSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HeaderMatchSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string (exact value) or {\"present\": true|false}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HeaderMatchSpec, E> {
+                Ok(HeaderMatchSpec(HeaderMatch::Exact(v.as_bytes().to_vec())))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<HeaderMatchSpec, A::Error> {
+                let p = PresentSpec::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(HeaderMatchSpec(HeaderMatch::Present(p.present)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl Matcher {
-    /// Parses a `match` object; `None` (field absent) matches everything.
-    pub fn parse(node: Option<&Node<'_>>) -> Result<Matcher, ConfigError> {
-        let Some(node) = node else {
-            return Ok(Matcher::default());
+    /// Compiles a `match` block; `None` (field absent) matches everything.
+    pub fn compile(spec: Option<MatchSpec>) -> Matcher {
+        let Some(spec) = spec else {
+            return Matcher::default();
         };
-        let mut f = node.object()?;
-        let mut m = Matcher::default();
-        if let Some(n) = f.optional("route") {
-            m.routes = n.one_or_many_str()?;
+        Matcher {
+            routes: spec.route.map(|r| r.0).unwrap_or_default(),
+            path_prefix: spec.path_prefix.map(|p| p.0),
+            path_exact: spec.path_exact.map(|p| p.0),
+            host: spec.host.map(|h| h.0),
+            methods: spec
+                .methods
+                .map(|m| m.0.into_iter().map(|m| m.0).collect())
+                .unwrap_or_default(),
+            headers: spec
+                .headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, m)| (name.0, m.0))
+                .collect(),
         }
-        if let Some(n) = f.optional("path_prefix") {
-            m.path_prefix = Some(path(&n)?);
-        }
-        if let Some(n) = f.optional("path_exact") {
-            m.path_exact = Some(path(&n)?);
-        }
-        if let Some(n) = f.optional("host") {
-            let h = n.name()?.to_ascii_lowercase();
-            m.host = Some(match h.strip_prefix("*.") {
-                Some(suffix) if !suffix.is_empty() => HostMatch::Suffix(format!(".{suffix}")),
-                _ if h.contains('*') => {
-                    return Err(n.error("a wildcard is allowed only as a leading \"*.\""))
-                }
-                _ => HostMatch::Exact(h),
-            });
-        }
-        if let Some(n) = f.optional("methods") {
-            for item in n.list()? {
-                let method = item.name()?;
-                if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    return Err(item.error(format!("\"{method}\" is not an HTTP method")));
-                }
-                m.methods.push(method.to_ascii_uppercase());
-            }
-            if m.methods.is_empty() {
-                return Err(n.error("must not be an empty list"));
-            }
-        }
-        if let Some(n) = f.optional("headers") {
-            for (name, value_node) in n.object()?.entries() {
-                let header = match value_node.value() {
-                    Value::String(s) => HeaderMatch::Exact(s.as_bytes().to_vec()),
-                    Value::Object(_) => {
-                        let mut o = value_node.object()?;
-                        let present = o.optional("present");
-                        o.finish()?;
-                        let present = present.ok_or_else(|| {
-                            value_node.error("expected {\"present\": true|false}")
-                        })?;
-                        HeaderMatch::Present(present.bool()?)
-                    }
-                    _ => {
-                        return Err(value_node
-                            .error("expected a string (exact value) or {\"present\": true|false}"))
-                    }
-                };
-                m.headers.push((header_name_of(&value_node, name)?, header));
-            }
-        }
-        f.finish()?;
-        Ok(m)
     }
 
     /// Whether `req` satisfies every condition.
@@ -153,34 +220,14 @@ impl Matcher {
     }
 }
 
-fn path(node: &Node<'_>) -> Result<String, ConfigError> {
-    let p = node.name()?;
-    if !p.starts_with('/') {
-        return Err(node.error(format!("a path must start with '/', got \"{p}\"")));
-    }
-    Ok(p.to_string())
-}
-
-fn header_name_of(node: &Node<'_>, name: &str) -> Result<String, ConfigError> {
-    let ok = !name.is_empty()
-        && name.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) || (i == 0 && b == b':')
-        });
-    if !ok {
-        return Err(node.error(format!("\"{name}\" is not a valid header name")));
-    }
-    Ok(name.to_ascii_lowercase())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_document;
+    use crate::config::ConfigError;
     use crate::request::FakeRequest;
 
     fn matcher(text: &str) -> Result<Matcher, ConfigError> {
-        let v = parse_document(text.as_bytes()).unwrap();
-        Matcher::parse(Some(&Node::root(&v)))
+        crate::spec::parse_fragment::<MatchSpec>(text.as_bytes()).map(|m| Matcher::compile(Some(m)))
     }
 
     #[test]
@@ -245,6 +292,11 @@ mod tests {
                 .path,
             "headers.x.presnt"
         );
+        assert_eq!(
+            matcher(r#"{"methods": []}"#).unwrap_err().to_string(),
+            "methods: must not be an empty list"
+        );
+        assert_eq!(matcher(r#"{"route": []}"#).unwrap_err().path, "route");
         assert_eq!(matcher(r#"{"host": "a.*.com"}"#).unwrap_err().path, "host");
         assert_eq!(matcher(r#"{"rout": "a"}"#).unwrap_err().path, "rout");
     }

@@ -1,8 +1,9 @@
 //! The request as the policy cores see it: headers and a few Envoy attributes,
 //! fetched lazily so a request pays only for what a matching rule reads.
 
-use crate::config::{ConfigError, Node};
-use crate::json::Value;
+use serde::Deserialize;
+
+use crate::spec::{HeaderName, NonEmpty};
 
 /// Request attributes that come from Envoy rather than from a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,50 +81,48 @@ pub enum Source {
     Static(String),
 }
 
-impl Source {
-    /// Reads `"client_ip"` / `"path"` / ... or `{"header": "x"}`, `{"cookie": "c"}`,
-    /// `{"static": "v"}`, and also `{"client_ip": true}` style objects.
-    pub fn parse(node: &Node<'_>) -> Result<Source, ConfigError> {
-        const EXPECTED: &str = "expected one of \"client_ip\", \"path\", \"method\", \"host\", \
-                                \"route\", \"cluster\", {\"header\": name}, {\"cookie\": name}, \
-                                {\"static\": value}";
-        match node.value() {
-            Value::String(s) => Attribute::from_name(s)
-                .map(Source::Attribute)
-                .ok_or_else(|| node.error(format!("{EXPECTED}, got \"{s}\""))),
-            Value::Object(entries) if entries.len() == 1 => {
-                let mut fields = node.object()?;
-                let source = if let Some(n) = fields.optional("header") {
-                    Source::Header(n.header_name()?)
-                } else if let Some(n) = fields.optional("cookie") {
-                    Source::Cookie(n.name()?.to_string())
-                } else if let Some(n) = fields.optional("static") {
-                    Source::Static(n.str()?.to_string())
-                } else {
-                    let mut found = None;
-                    for attr in ["client_ip", "path", "method", "host", "route", "cluster"] {
-                        if let Some(n) = fields.optional(attr) {
-                            if !n.bool()? {
-                                return Err(n.error("only true is meaningful here"));
-                            }
-                            found = Attribute::from_name(attr).map(Source::Attribute);
-                        }
-                    }
-                    match found {
-                        Some(s) => s,
-                        None => {
-                            fields.finish()?;
-                            return Err(node.error(EXPECTED));
-                        }
-                    }
-                };
-                fields.finish()?;
-                Ok(source)
-            }
-            _ => Err(node.error(EXPECTED)),
+/// A [`Source`] as written: `"client_ip"` / `"path"` / ... or `{"header": "x"}`,
+/// `{"cookie": "c"}`, `{"static": "v"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SourceSpec {
+    /// The client's IP address (`source.address` without the port).
+    ClientIp,
+    /// The path without the query string.
+    Path,
+    Method,
+    /// The authority without the port, lower-cased.
+    Host,
+    /// The Envoy route name.
+    Route,
+    /// The upstream cluster.
+    Cluster,
+    /// A request header.
+    Header(HeaderName),
+    /// A cookie of the `cookie` header.
+    Cookie(NonEmpty),
+    /// A fixed value.
+    Static(String),
+}
+
+impl From<SourceSpec> for Source {
+    fn from(spec: SourceSpec) -> Source {
+        match spec {
+            SourceSpec::ClientIp => Source::Attribute(Attribute::ClientIp),
+            SourceSpec::Path => Source::Attribute(Attribute::Path),
+            SourceSpec::Method => Source::Attribute(Attribute::Method),
+            SourceSpec::Host => Source::Attribute(Attribute::Host),
+            SourceSpec::Route => Source::Attribute(Attribute::Route),
+            SourceSpec::Cluster => Source::Attribute(Attribute::Cluster),
+            SourceSpec::Header(h) => Source::Header(h.0),
+            SourceSpec::Cookie(c) => Source::Cookie(c.0),
+            SourceSpec::Static(v) => Source::Static(v),
         }
     }
+}
 
+impl Source {
     /// The value for this request, if the request has one.
     pub fn read<'r>(&'r self, req: &'r mut dyn Request) -> Option<&'r [u8]> {
         match self {
@@ -250,21 +249,16 @@ impl Request for FakeRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_document;
+    use crate::config::ConfigError;
 
     fn source(text: &str) -> Result<Source, ConfigError> {
-        let v = parse_document(text.as_bytes()).unwrap();
-        Source::parse(&Node::root(&v))
+        crate::spec::parse_fragment::<SourceSpec>(text.as_bytes()).map(Source::from)
     }
 
     #[test]
     fn sources_parse_in_both_forms() {
         assert_eq!(
             source(r#""client_ip""#).unwrap(),
-            Source::Attribute(Attribute::ClientIp)
-        );
-        assert_eq!(
-            source(r#"{"client_ip": true}"#).unwrap(),
             Source::Attribute(Attribute::ClientIp)
         );
         assert_eq!(
@@ -275,9 +269,13 @@ mod tests {
             source(r#"{"static": "all"}"#).unwrap(),
             Source::Static("all".into())
         );
-        assert!(source(r#""clientip""#).is_err());
+        assert!(source(r#""clientip""#)
+            .unwrap_err()
+            .message
+            .starts_with("unknown variant `clientip`, expected one of `client_ip`"));
         assert!(source(r#"{"header": "a", "static": "b"}"#).is_err());
-        assert_eq!(source(r#"{"haeder": "a"}"#).unwrap_err().path, "haeder");
+        assert!(source(r#"{"header": "bad name"}"#).is_err());
+        assert!(source(r#"{"haeder": "a"}"#).is_err());
     }
 
     #[test]
