@@ -86,16 +86,3 @@ fn export_kind(kind: ExternalKind) -> ExportKind {
         ExternalKind::Tag => ExportKind::Tag,
     }
 }
-
-/// The names a module exports (for the build's summary and the tests).
-pub fn export_names(module: &[u8]) -> Result<Vec<String>, String> {
-    let mut names = Vec::new();
-    for payload in Parser::new(0).parse_all(module) {
-        if let Payload::ExportSection(reader) = payload.map_err(|e| e.to_string())? {
-            for export in reader {
-                names.push(export.map_err(|e| e.to_string())?.name.to_string());
-            }
-        }
-    }
-    Ok(names)
-}
