@@ -4,12 +4,15 @@
 
 use std::path::Path;
 
+use std::time::{Duration, Instant};
+
 use crate::envoy::metric_value;
-use crate::http::Client;
+use crate::http::{self, Client};
 use crate::{Envoy, Upstream};
 
 /// Ports fixed by `envoy/demo.yaml`.
 pub const LISTENER: u16 = 10000;
+pub const ADMIN: u16 = 9901;
 pub const UPSTREAM_V1: u16 = 8081;
 pub const UPSTREAM_V2: u16 = 8082;
 
@@ -44,13 +47,63 @@ pub struct Demo {
     pub v2: Upstream,
 }
 
-/// Starts the upstreams and Envoy with `config` (a path relative to the repository root).
-pub fn start(config: &Path) -> Result<Demo, String> {
+impl Demo {
+    /// Where [`drive_to`] sends the traffic for this demo.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            listener: self.envoy.port(),
+            admin: self.envoy.admin_port(),
+            v2: &self.v2,
+        }
+    }
+}
+
+/// An Envoy running `envoy/demo.yaml`, however it was started (our own
+/// process, `docker compose`, `func-e run`): its listener and admin ports, and
+/// the v2 upstream, whose request count shows what the breaker kept away.
+pub struct Target<'a> {
+    pub listener: u16,
+    pub admin: u16,
+    pub v2: &'a Upstream,
+}
+
+/// The demo's upstreams v1 and v2 on their fixed ports.
+pub fn start_upstreams() -> Result<(Upstream, Upstream), String> {
     let busy = |port: u16, e: std::io::Error| {
         format!("cannot listen on 127.0.0.1:{port} ({e}); is another demo or service using it?")
     };
     let v1 = Upstream::start_on("v1", UPSTREAM_V1).map_err(|e| busy(UPSTREAM_V1, e))?;
     let v2 = Upstream::start_on("v2", UPSTREAM_V2).map_err(|e| busy(UPSTREAM_V2, e))?;
+    Ok((v1, v2))
+}
+
+/// Waits until an Envoy started by someone else (a container, func-e) answers
+/// `/ready` on the demo's admin port and accepts connections on its listener.
+/// `exited` is asked in between and says why it never will (e.g. the container
+/// stopped); its error ends the wait.
+pub fn wait_until_serving(
+    timeout: Duration,
+    exited: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = http::get(ADMIN, "/ready", &[]).is_ok_and(|r| r.status == 200);
+        if ready && std::net::TcpStream::connect(("127.0.0.1", LISTENER)).is_ok() {
+            return Ok(());
+        }
+        exited()?;
+        if Instant::now() > deadline {
+            return Err(format!(
+                "Envoy not serving on 127.0.0.1:{LISTENER} (admin :{ADMIN}) after {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts the upstreams and Envoy with `config` (a path relative to the repository root).
+pub fn start(config: &Path) -> Result<Demo, String> {
+    let (v1, v2) = start_upstreams()?;
     let envoy = Envoy::start_file(config, 2).map_err(|f| {
         let problems: Vec<&str> = f
             .log
@@ -66,10 +119,15 @@ pub fn start(config: &Path) -> Result<Demo, String> {
     Ok(Demo { envoy, v1, v2 })
 }
 
-/// Drives the demo traffic, reporting progress through `say`.
+/// Drives the demo traffic through our own demo Envoy, reporting progress through `say`.
 pub fn drive(demo: &Demo, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
+    drive_to(&demo.target(), say)
+}
+
+/// Drives the demo traffic through any Envoy running `envoy/demo.yaml`.
+pub fn drive_to(demo: &Target, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
     let mut report = Report::default();
-    let port = demo.envoy.port();
+    let port = demo.listener;
     let io = |e: std::io::Error| format!("request failed: {e}");
 
     say("1. ratelimit: rule \"per-api-key\" allows 5 requests a minute per x-api-key on route \"api\"");
@@ -108,7 +166,7 @@ pub fn drive(demo: &Demo, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
         "   bob, his own bucket:     {}",
         report.ratelimit_other_key
     ));
-    let scrape = demo.envoy.prometheus();
+    let scrape = prometheus(demo);
     for decision in ["allowed", "limited"] {
         let labels = [("rule", "per-api-key"), ("decision", decision)];
         let count = metric_value(&scrape, "mesh_ratelimit_requests_total", &labels).unwrap_or(0.0);
@@ -154,14 +212,20 @@ pub fn drive(demo: &Demo, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
     Ok(report)
 }
 
+fn prometheus(demo: &Target) -> String {
+    http::get(demo.admin, "/stats/prometheus", &[])
+        .map(|r| r.body_text())
+        .unwrap_or_default()
+}
+
 fn circuit_breaker(
-    demo: &Demo,
+    demo: &Target,
     report: &mut Report,
     say: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
     let io = |e: std::io::Error| format!("request failed: {e}");
     say("2. circuit-breaker: rule \"payments\" opens at 50% failures after 5 calls, for 3s, then probes twice");
-    let mut client = Client::new(demo.envoy.port());
+    let mut client = Client::new(demo.listener);
     let fail = [("x-upstream-status", "503")];
     let mut statuses = Vec::new();
     loop {
@@ -232,9 +296,9 @@ fn circuit_breaker(
     Ok(())
 }
 
-fn lb_hints(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) -> Result<(), String> {
+fn lb_hints(demo: &Target, report: &mut Report, say: &mut dyn FnMut(&str)) -> Result<(), String> {
     say("3. lb-hints: rule \"reviews-canary\" sends 90% of /reviews to v1 and 10% to v2 (smooth weighted round robin)");
-    let mut client = Client::new(demo.envoy.port());
+    let mut client = Client::new(demo.listener);
     for _ in 0..100 {
         let r = client
             .get("/reviews", &[])
@@ -259,9 +323,9 @@ fn lb_hints(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) -> Resu
     Ok(())
 }
 
-fn metrics(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) {
+fn metrics(demo: &Target, report: &mut Report, say: &mut dyn FnMut(&str)) {
     say("4. metrics: RED metrics per route, method, status and cluster, from Envoy's /stats/prometheus");
-    let scrape = demo.envoy.prometheus();
+    let scrape = prometheus(demo);
     let mut per_route: Vec<(String, f64)> = Vec::new();
     for line in scrape
         .lines()
@@ -285,4 +349,52 @@ fn metrics(demo: &Demo, report: &mut Report, say: &mut dyn FnMut(&str)) {
         say(&format!("   {line}"));
     }
     report.metrics_requests = per_route;
+}
+
+/// What every run of the demo must show, whichever way Envoy was started
+/// (fresh Envoy, demo traffic once): panics with the demo's output otherwise.
+pub fn assert_each_filter_worked(report: &Report, lines: &[String]) {
+    assert_eq!(
+        report.ratelimit_statuses,
+        [200, 200, 200, 200, 200, 429, 429, 429],
+        "{lines:#?}"
+    );
+    assert_eq!(report.ratelimit_other_key, 200, "{lines:#?}");
+    assert_eq!(
+        report.ratelimit_stats,
+        [("allowed".to_string(), 6.0), ("limited".to_string(), 3.0)],
+        "{lines:#?}"
+    );
+    assert_eq!(
+        report.breaker_failures_before_open, 5,
+        "minimum_calls 5 at 100% failures: {lines:#?}"
+    );
+    assert_eq!(
+        report.breaker_local_answers,
+        vec![(503, "open".to_string()); 5],
+        "{lines:#?}"
+    );
+    assert_eq!(report.breaker_upstream_calls_while_open, 0, "{lines:#?}");
+    assert_eq!(
+        report.breaker_after_recovery, [200; 4],
+        "2 probes, then closed: {lines:#?}"
+    );
+    assert_eq!(
+        report.canary_split,
+        (90, 10),
+        "smooth WRR at 90/10 is exact: {lines:#?}"
+    );
+    let per_route: std::collections::HashMap<_, _> =
+        report.metrics_requests.iter().cloned().collect();
+    // 8 + 1 to /api; 100 + 1 forced to /reviews (v1 90, v2 10 + 1); /payments: 5 failures, 5 local
+    // answers, 4 after recovery, plus any local answers while waiting for open_for.
+    assert_eq!(per_route.get("api"), Some(&9.0), "{per_route:?}");
+    // Counted under the route lb-hints routed to (the forced request went to v2).
+    assert_eq!(per_route.get("reviews-v1"), Some(&90.0), "{per_route:?}");
+    assert_eq!(per_route.get("reviews-v2"), Some(&11.0), "{per_route:?}");
+    assert!(
+        per_route.get("payments").is_some_and(|n| *n >= 14.0),
+        "{per_route:?}"
+    );
+    assert_eq!(report.summary.len(), 4);
 }

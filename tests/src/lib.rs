@@ -18,6 +18,7 @@
 pub mod config;
 pub mod debian;
 pub mod demo;
+pub mod docker;
 pub mod envoy;
 pub mod http;
 pub mod registry;

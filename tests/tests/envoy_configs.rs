@@ -1,7 +1,8 @@
 //! The Envoy configurations users run: every YAML in `envoy/` passes
 //! `envoy --mode validate` with the built filters (which also runs each
 //! plugin's configuration), and the demo runs live exactly as
-//! `cargo xtask demo` runs it.
+//! `cargo xtask demo` runs it (`tests/tests/docker.rs` and `func_e.rs` run
+//! the same demo through `docker compose` and `func-e run`).
 
 use std::path::{Path, PathBuf};
 
@@ -114,89 +115,5 @@ fn the_demo_runs_and_shows_each_filter_working() {
     let running = demo::start(std::path::Path::new("envoy/demo.yaml")).unwrap();
     let mut lines = Vec::new();
     let report = demo::drive(&running, &mut |l| lines.push(l.to_string())).unwrap();
-    assert_eq!(
-        report.ratelimit_statuses,
-        [200, 200, 200, 200, 200, 429, 429, 429],
-        "{lines:#?}"
-    );
-    assert_eq!(report.ratelimit_other_key, 200);
-    assert_eq!(
-        report.ratelimit_stats,
-        [("allowed".to_string(), 6.0), ("limited".to_string(), 3.0)]
-    );
-    assert_eq!(
-        report.breaker_failures_before_open, 5,
-        "minimum_calls 5 at 100% failures"
-    );
-    assert_eq!(
-        report.breaker_local_answers,
-        vec![(503, "open".to_string()); 5]
-    );
-    assert_eq!(report.breaker_upstream_calls_while_open, 0);
-    assert_eq!(
-        report.breaker_after_recovery, [200; 4],
-        "2 probes, then closed"
-    );
-    assert_eq!(
-        report.canary_split,
-        (90, 10),
-        "smooth WRR at 90/10 is exact"
-    );
-    let per_route: std::collections::HashMap<_, _> =
-        report.metrics_requests.iter().cloned().collect();
-    // 8 + 1 to /api; 100 + 1 forced to /reviews (v1 90, v2 10 + 1); /payments: 5 failures, 5 local
-    // answers, 4 after recovery, plus any local answers while waiting for open_for.
-    assert_eq!(per_route.get("api"), Some(&9.0), "{per_route:?}");
-    // Counted under the route lb-hints routed to (the forced request went to v2).
-    assert_eq!(per_route.get("reviews-v1"), Some(&90.0), "{per_route:?}");
-    assert_eq!(per_route.get("reviews-v2"), Some(&11.0), "{per_route:?}");
-    assert!(
-        per_route.get("payments").is_some_and(|n| *n >= 14.0),
-        "{per_route:?}"
-    );
-    assert_eq!(report.summary.len(), 4);
-}
-
-/// No Docker engine runs on our machines, so the compose file is checked as
-/// far as a client can: docker-compose parses it, it mounts exactly the demo
-/// config and filters the tests run, and its image is the Envoy version the
-/// tests use.
-#[test]
-fn docker_compose_runs_the_tested_demo_config_and_envoy_version() {
-    let compose = mesh_testkit::debian::ensure("docker-compose", "docker-compose").unwrap();
-    let out = std::process::Command::new(compose)
-        .args(["-f", "envoy/docker-compose.yaml", "config"])
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let root = repo_root().display().to_string();
-    for expected in [
-        format!("{root}/dist:/mesh/dist:ro"),
-        format!("{root}/envoy/demo.yaml:/mesh/envoy/demo.yaml:ro"),
-        "- /mesh/envoy/demo.yaml".to_string(),
-        "network_mode: host".to_string(),
-    ] {
-        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
-    }
-    let version = std::process::Command::new(mesh_testkit::envoy_binary().unwrap())
-        .arg("--version")
-        .output()
-        .unwrap();
-    let version = String::from_utf8_lossy(&version.stdout);
-    // "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
-    let release = version
-        .split("version: ")
-        .nth(1)
-        .and_then(|v| v.split('/').nth(1))
-        .unwrap_or_default();
-    assert!(
-        text.contains(&format!("image: envoyproxy/envoy:v{release}")),
-        "the compose image should be the Envoy the tests run ({release}):\n{text}"
-    );
+    demo::assert_each_filter_worked(&report, &lines);
 }

@@ -4,13 +4,15 @@
 //! counts as Istio's Wasm puller requires them, and the module bytes equal to
 //! `dist/<filter>.wasm`.
 
+mod support;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use mesh_testkit::registry::Registry;
-use mesh_testkit::{debian, repo_root, wasm_path};
+use mesh_testkit::{repo_root, wasm_path};
 use serde_json::Value;
+use support::skopeo::{plugin_wasm_from, pull, run};
 
 const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
 const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
@@ -19,81 +21,6 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LAYER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// skopeo with a permissive policy file (it refuses to work without one).
-fn skopeo(dir: &Path) -> Command {
-    let bin = debian::ensure("skopeo", "skopeo").unwrap();
-    let policy = dir.join("policy.json");
-    fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.arg("--policy").arg(policy);
-    cmd
-}
-
-/// One image as pulled back: its manifest and a blob reader.
-struct Pulled {
-    manifest: Value,
-    dir: PathBuf,
-}
-
-impl Pulled {
-    fn blob(&self, descriptor: &Value) -> Vec<u8> {
-        let digest = descriptor["digest"].as_str().unwrap();
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        fs::read(self.dir.join(hex)).unwrap()
-    }
-
-    fn layers(&self) -> &Vec<Value> {
-        self.manifest["layers"].as_array().unwrap()
-    }
-
-    fn media_type(&self) -> &str {
-        self.manifest["mediaType"].as_str().unwrap_or_default()
-    }
-}
-
-/// Pulls `image@digest` with skopeo into a `dir:` layout (skopeo checks the
-/// manifest and every blob against their digests).
-fn pull(work: &Path, image_by_digest: &str) -> Pulled {
-    let dir = work.join(image_by_digest.replace(['/', ':', '@'], "_"));
-    run(skopeo(work)
-        .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{image_by_digest}"))
-        .arg(format!("dir:{}", dir.display())));
-    let raw = run(skopeo(work)
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{image_by_digest}")))
-    .stdout;
-    let manifest: Value = serde_json::from_slice(&raw).unwrap();
-    Pulled { manifest, dir }
-}
-
-/// `plugin.wasm` from a tar.gz layer, extracted with the system's tar.
-fn plugin_wasm_from(layer: &[u8], work: &Path) -> Vec<u8> {
-    let file = work.join("layer.tar.gz");
-    fs::write(&file, layer).unwrap();
-    run(Command::new("tar")
-        .args(["-xzOf"])
-        .arg(&file)
-        .arg("plugin.wasm"))
-    .stdout
-}
 
 #[test]
 fn push_all_filters_in_three_formats_and_pull_them_back_by_digest() {
