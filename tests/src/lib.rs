@@ -20,6 +20,7 @@ pub mod debian;
 pub mod demo;
 pub mod docker;
 pub mod envoy;
+pub mod func_e;
 pub mod http;
 pub mod registry;
 pub mod tools;
