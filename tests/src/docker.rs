@@ -312,6 +312,24 @@ impl Drop for Docker {
             .stderr(Stdio::null())
             .status();
         let _ = self.daemon.wait();
+        // dockerd leaves its network namespace mounted (exec/netns/default).
+        for mount in mounts_under(&self.dir) {
+            let _ = Command::new("umount").arg(mount).status();
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Mount points inside `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    found
 }
