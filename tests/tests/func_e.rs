@@ -79,3 +79,43 @@ fn finding_envoy_picks_the_envoy_func_e_has_installed() {
         func_e.installed_envoy().display().to_string()
     );
 }
+
+/// A refused plugin config under func-e: Envoy exits, func-e exits non-zero,
+/// and the filter's error line is in func-e's output (its last line is about
+/// the admin address it waited for, not the cause).
+#[test]
+fn func_e_run_with_a_refused_config_exits_with_the_filters_error_line() {
+    let func_e = func_e();
+    let scratch = std::env::temp_dir().join(format!("mesh-func-e-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let demo_yaml = std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).unwrap();
+    // Ports 0: the test above may be running the real demo meanwhile.
+    let refused = demo_yaml
+        .replace(r#""per": "1m""#, r#""per": "fast""#)
+        .replace("port_value: 10000", "port_value: 0")
+        .replace("port_value: 9901", "port_value: 0");
+    let config = scratch.join("demo.yaml");
+    std::fs::write(&config, refused).unwrap();
+    let out = func_e
+        .command()
+        .current_dir(repo_root())
+        .args(["run", "-c"])
+        .arg(&config)
+        .arg("--use-dynamic-base-id")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let error = r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("[error][wasm]") && l.ends_with(error)),
+        "{log}"
+    );
+    assert!(log.contains("Plugin ratelimit failed to load"), "{log}");
+}
