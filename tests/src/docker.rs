@@ -186,7 +186,7 @@ impl Docker {
     /// be pulled here), with its contract: `envoy` on PATH and an entrypoint
     /// that runs `envoy "$@"` when the first argument starts with `-` and the
     /// command as given otherwise. The image holds the Envoy binary `envoy`
-    /// (a real executable, not PyPI's Python launcher), the shared libraries
+    /// (a real executable, not PyPI's Python launcher), the shared objects
     /// it and `/bin/sh` need, and the entrypoint script.
     pub fn build_envoy_image(&self, envoy: &Path, image: &str) -> Result<(), String> {
         let root = self.dir.join("envoy-image");
@@ -205,7 +205,7 @@ impl Docker {
             &fs::canonicalize(&sh).map_err(|e| e.to_string())?,
             "/bin/sh",
         )?;
-        for lib in shared_libraries(&[envoy, &sh])? {
+        for lib in shared_objects(&[envoy, &sh])? {
             let real = fs::canonicalize(&lib).map_err(|e| format!("{}: {e}", lib.display()))?;
             put(&real, &lib.to_string_lossy())?;
         }
@@ -268,8 +268,8 @@ impl Docker {
     }
 }
 
-/// The shared libraries `ldd` lists for these binaries (absolute paths).
-fn shared_libraries(binaries: &[&Path]) -> Result<Vec<PathBuf>, String> {
+/// The shared objects (`.so` files) `ldd` lists for these binaries (absolute paths).
+fn shared_objects(binaries: &[&Path]) -> Result<Vec<PathBuf>, String> {
     let out = Docker::run(Command::new("ldd").args(binaries))?;
     let mut libs: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
         .lines()
