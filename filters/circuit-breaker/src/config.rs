@@ -73,7 +73,25 @@ pub struct Policy {
     pub consecutive_failures: u64,
     pub open_for_nanos: u64,
     pub half_open_calls: u64,
+    pub half_open_policy: HalfOpenPolicy,
+    /// A half-open breaker whose probes have not all answered after this long
+    /// opens again (Resilience4j's `maxWaitDurationInHalfOpenState`).
+    pub max_wait_in_half_open_nanos: u64,
 }
+
+/// How the half-open probes are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfOpenPolicy {
+    /// Resilience4j's: once all probes have answered, open again if their
+    /// failure rate or slow-call rate reaches the rule's threshold, else close.
+    Rate,
+    /// The first failing (or slow) probe opens the breaker again at once;
+    /// closing needs every probe to succeed.
+    AnyFailure,
+}
+
+/// The default half-open wait: `open_for`, at least a minute.
+pub const MIN_DEFAULT_HALF_OPEN_WAIT_NANOS: u64 = 60 * NANOS_PER_SEC;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -240,6 +258,8 @@ fn compile_rule(
         consecutive_failures,
         open_for_nanos,
         half_open_calls,
+        half_open_policy: HalfOpenPolicy::Rate,
+        max_wait_in_half_open_nanos: open_for_nanos.max(MIN_DEFAULT_HALF_OPEN_WAIT_NANOS),
     };
     // Breaker entries are keyed by everything that gives their bytes meaning,
     // so a changed configuration starts from fresh breakers instead of
@@ -275,6 +295,11 @@ fn compile_rule(
         open_for_nanos,
         half_open_calls,
         max_breakers,
+        match policy.half_open_policy {
+            HalfOpenPolicy::Rate => 0,
+            HalfOpenPolicy::AnyFailure => 1,
+        },
+        policy.max_wait_in_half_open_nanos,
     ];
     for (lo, hi) in &policy.failure_when.statuses {
         numbers.extend([u64::from(*lo), u64::from(*hi)]);
