@@ -277,25 +277,30 @@ impl Breaker {
         }
     }
 
+    /// Probes that did not all answer within `max_wait_in_half_open`: open
+    /// again, from the instant the wait ended (as Resilience4j's timer
+    /// would), so a request now may find that `open_for` over too, and a
+    /// probe answering now is late.
+    fn expire_half_open(&mut self, policy: &Policy, now: u64) -> Option<Transition> {
+        let timed_out_at = self
+            .since
+            .saturating_add(policy.max_wait_in_half_open_nanos);
+        if self.state != CircuitState::HalfOpen || now < timed_out_at {
+            return None;
+        }
+        self.enter(CircuitState::Open, policy, timed_out_at);
+        Some(Transition::Opened {
+            from: CircuitState::HalfOpen,
+            until: self.open_until,
+        })
+    }
+
     /// Decides whether a request may go through. Returns the decision,
     /// whether the breaker changed (then the caller must write it), and the
     /// transition, if any.
     pub fn admit(&mut self, policy: &Policy, now: u64) -> (Admit, bool, Option<Transition>) {
-        let mut transition = None;
-        // Probes that did not all answer in time: open again, from the
-        // instant the wait ended (as Resilience4j's timer would), so this
-        // request may find that `open_for` over too.
-        let timed_out_at = self
-            .since
-            .saturating_add(policy.max_wait_in_half_open_nanos);
-        let timed_out = self.state == CircuitState::HalfOpen && now >= timed_out_at;
-        if timed_out {
-            self.enter(CircuitState::Open, policy, timed_out_at);
-            transition = Some(Transition::Opened {
-                from: CircuitState::HalfOpen,
-                until: self.open_until,
-            });
-        }
+        let mut transition = self.expire_half_open(policy, now);
+        let timed_out = transition.is_some();
         // Resilience4j probes only once the wait has passed (`isAfter`).
         if self.state == CircuitState::Open && now > self.open_until {
             self.enter(CircuitState::HalfOpen, policy, now);
@@ -345,6 +350,9 @@ impl Breaker {
         if generation != self.generation {
             return (false, None);
         }
+        if let Some(t) = self.expire_half_open(policy, now) {
+            return (true, Some(t));
+        }
         match self.state {
             CircuitState::Open => (false, None),
             CircuitState::HalfOpen => {
@@ -362,8 +370,21 @@ impl Breaker {
                     HalfOpenPolicy::AnyFailure if outcome != Outcome::Success => {
                         Some(CircuitState::Open)
                     }
-                    _ if u64::from(self.probe_calls) < policy.half_open_calls => None,
+                    HalfOpenPolicy::AnyFailure
+                        if u64::from(self.probe_calls) < policy.half_open_calls =>
+                    {
+                        None
+                    }
                     HalfOpenPolicy::AnyFailure => Some(CircuitState::Closed),
+                    // As Resilience4j: judged once `minimum_calls` probes
+                    // answered (capped as for the window), at most all of
+                    // them (with the defaults, 100 and 10: all of them).
+                    HalfOpenPolicy::Rate
+                        if u64::from(self.probe_calls)
+                            < minimum_calls(policy).min(policy.half_open_calls) =>
+                    {
+                        None
+                    }
                     HalfOpenPolicy::Rate => Some(
                         if rates_reached(
                             policy,
@@ -431,12 +452,7 @@ impl Breaker {
             return true;
         }
         let t = self.window.totals(now);
-        let minimum = match policy.window {
-            // A count window can never hold more than its size.
-            Window::Count { size } => policy.minimum_calls.min(size),
-            Window::Time { .. } => policy.minimum_calls,
-        };
-        if t.calls == 0 || t.calls < minimum {
+        if t.calls == 0 || t.calls < minimum_calls(policy) {
             return false;
         }
         rates_reached(policy, t.calls, t.failures, t.slow)
@@ -450,6 +466,15 @@ impl Breaker {
             CircuitState::Open => now >= self.open_until.saturating_add(idle),
             CircuitState::HalfOpen => false,
         }
+    }
+}
+
+/// The calls a window must hold before it is judged: `minimum_calls`, for a
+/// count window at most its size (it can never hold more; as Resilience4j).
+fn minimum_calls(policy: &Policy) -> u64 {
+    match policy.window {
+        Window::Count { size } => policy.minimum_calls.min(size),
+        Window::Time { .. } => policy.minimum_calls,
     }
 }
 

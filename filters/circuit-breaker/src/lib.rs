@@ -206,7 +206,8 @@ impl CircuitBreaker {
         };
         let policy = &rule.policy;
         let slow = match (policy.slow_call, response.duration_nanos) {
-            (Some(s), Some(d)) => d >= s.duration_nanos,
+            // Longer than the threshold, as Resilience4j (`>`; the rates compare with `>=`).
+            (Some(s), Some(d)) => d > s.duration_nanos,
             _ => false,
         };
         let from_upstream = match response.details {

@@ -166,7 +166,14 @@ fn slow_calls_trip_the_slow_call_rate() {
         panic!()
     };
     assert_eq!(cb.classify(&c, upstream(200, 499)), Outcome::Success);
-    assert_eq!(cb.classify(&c, upstream(200, 500)), Outcome::Slow);
+    // Slow means longer than the duration (Resilience4j's `>`).
+    let at = |nanos: u64| Response {
+        duration_nanos: Some(nanos),
+        ..upstream(200, 0)
+    };
+    assert_eq!(cb.classify(&c, at(500 * MS)), Outcome::Success);
+    assert_eq!(cb.classify(&c, at(500 * MS + 1)), Outcome::Slow);
+    assert_eq!(cb.classify(&c, upstream(200, 501)), Outcome::Slow);
     assert_eq!(
         cb.classify(&c, upstream(503, 900)),
         Outcome::Failure { slow: true }
@@ -291,6 +298,29 @@ fn the_probes_are_judged_by_their_failure_rate_once_all_answered() {
         );
         report(&cb, &s, &probes[2], codes[2], after + 12);
         assert_eq!(state(&cb, &s), after_all, "{codes:?}");
+    }
+}
+
+#[test]
+fn probes_are_judged_after_minimum_calls_when_that_is_fewer() {
+    // As Resilience4j: minimum_calls 2 of 4 probes. Two successes close it,
+    // one failure of the first two (50%) opens it.
+    for (codes, after_two) in [
+        ([200, 200], CircuitState::Closed),
+        ([200, 500], CircuitState::Open),
+    ] {
+        let (cb, s) = breaker(
+            r#"{"rules": [{"name": "payments", "consecutive_failures": 1, "minimum_calls": 2,
+                "open_for": "10s", "half_open_calls": 4}]}"#,
+        );
+        call(&cb, &s, route("payments"), T0, 500, 0);
+        let after = T0 + 11 * SEC;
+        let probes: Vec<Verdict> = (0..4).map(|i| admit(&cb, &s, after + i)).collect();
+        assert!(probes.iter().all(passed));
+        report(&cb, &s, &probes[0], codes[0], after + 10);
+        assert_eq!(state(&cb, &s), CircuitState::HalfOpen);
+        report(&cb, &s, &probes[1], codes[1], after + 11);
+        assert_eq!(state(&cb, &s), after_two, "{codes:?}");
     }
 }
 
@@ -756,8 +786,10 @@ proptest! {
                         if any_failure {
                             prop_assert_eq!(ok, half_open_calls, "closed without enough successful probes");
                         } else {
-                            prop_assert_eq!(ok + failed, half_open_calls, "closed before all probes answered");
-                            prop_assert!(failed * 100 < 50 * half_open_calls, "closed at {} failures", failed);
+                            // Judged after minimum_calls (2) probes, at most all of them.
+                            let judged = half_open_calls.min(2);
+                            prop_assert_eq!(ok + failed, judged, "closed before the probes were judged");
+                            prop_assert!(failed * 100 < 50 * judged, "closed at {} failures", failed);
                         }
                     }
                 }
