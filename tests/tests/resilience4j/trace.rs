@@ -116,7 +116,7 @@ impl Trace {
         // Whole seconds plus a random part, so second boundaries fall anywhere.
         let mut now = 1_700_000_000 * NS_PER_SEC + rng.random_range(0..NS_PER_SEC);
         let mut events: Vec<(u64, usize, Event)> = Vec::new();
-        let mut push = |events: &mut Vec<(u64, usize, Event)>, e: Event| {
+        let push = |events: &mut Vec<(u64, usize, Event)>, e: Event| {
             let n = events.len();
             events.push((e.at(), n, e));
         };
