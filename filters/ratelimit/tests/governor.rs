@@ -14,6 +14,14 @@
 //! the interval down (a little looser than asked) and we round it up (never
 //! looser); `intervals_round_up_where_governor_rounds_down` pins that.
 
+// A test: a failed unwrap is a failed test, not a dead Wasm VM.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -60,7 +68,7 @@ fn quota(requests: u32, per: Per, burst: u32, ours: &Gcra) -> Quota {
     let n = NonZeroU32::new(requests).unwrap();
     let b = NonZeroU32::new(burst).unwrap();
     let by_unit = match per {
-        _ if per.nanos() % u64::from(requests) != 0 => None,
+        _ if !per.nanos().is_multiple_of(u64::from(requests)) => None,
         Per::Second => Some(Quota::per_second(n)),
         Per::Minute => Some(Quota::per_minute(n)),
         Per::Hour => Some(Quota::per_hour(n)),
@@ -143,7 +151,7 @@ proptest! {
         ] {
             let ours = Gcra::new(u64::from(requests), Duration::from_nanos(unit), u64::from(requests));
             let theirs = u64::try_from(theirs.replenish_interval().as_nanos()).unwrap();
-            let exact = unit % u64::from(requests) == 0;
+            let exact = unit.is_multiple_of(u64::from(requests));
             prop_assert_eq!(ours.emission(), theirs + u64::from(!exact));
         }
     }
