@@ -91,12 +91,15 @@ fn our_breaker(c: &TraceConfig) -> CircuitBreaker {
     let json = format!(
         r#"{{"rules": [{{"name": "oracle", "window": {window}, "minimum_calls": {},
             "failure_rate_percent": {}, {slow} "open_for": "{}ms", "half_open_calls": {},
-            "max_breakers": 1}}]}}"#,
-        c.minimum, c.failure_rate, c.open_for_ms, c.half_open_calls
+            "max_wait_in_half_open": "{}ms", "max_breakers": 1}}]}}"#,
+        c.minimum, c.failure_rate, c.open_for_ms, c.half_open_calls, c.max_wait_ms
     );
-    let mut config = Config::parse(json.as_bytes(), "oracle")
+    let config = Config::parse(json.as_bytes(), "oracle")
         .unwrap_or_else(|e| panic!("trace config refused: {e}\n{json}"));
-    config.rules[0].policy.max_wait_in_half_open_nanos = c.max_wait_ms * NS_PER_MS;
+    assert_eq!(
+        config.rules[0].policy.max_wait_in_half_open_nanos,
+        c.max_wait_ms * NS_PER_MS
+    );
     CircuitBreaker::new(config)
 }
 
