@@ -153,9 +153,90 @@ fn half_open_lets_exactly_the_probes_through_then_closes_when_they_succeed() {
     assert_eq!(upstream.requests() - before, 43);
 }
 
+const FOUR_PROBES: &str = r#"{"rules": [{
+    "name": "payments", "match": {"route": "payments"},
+    "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
+    "open_for": "2s", "half_open_calls": 4}]}"#;
+
+/// Sends four requests at once, each on its own connection (Envoy spreads
+/// connections over its two workers); the first `failing` get a 500 from
+/// the upstream. All answer after 500ms, so all four are in flight together.
+fn four_at_once(envoy: &Envoy, failing: usize) -> Vec<http::Response> {
+    let port = envoy.port();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let status = if i < failing { "500" } else { "200" };
+                Client::new(port)
+                    .get(
+                        "/payments",
+                        &[
+                            ("x-upstream-status", status),
+                            ("x-upstream-delay-ms", "500"),
+                        ],
+                    )
+                    .unwrap()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 #[test]
-fn one_failed_probe_opens_the_breaker_again() {
-    let (envoy, upstream) = envoy_with(PROBING);
+fn four_probes_at_50_percent_one_failure_closes_two_open() {
+    // Resilience4j's rule (the default): once all probes have answered, their
+    // failure rate decides. 1 of 4 is 25% (< 50%): closed; 2 of 4: open again.
+    for (failing, closes) in [(1, true), (2, false)] {
+        let (envoy, upstream) = envoy_with(FOUR_PROBES);
+        open_then_wait(&envoy, &upstream, Duration::ZERO);
+        let before = upstream.requests();
+        let probes = four_at_once(&envoy, failing);
+        let failed = probes
+            .iter()
+            .filter(|r| from_upstream(r) && r.status == 500)
+            .count();
+        let ok = probes
+            .iter()
+            .filter(|r| from_upstream(r) && r.status == 200)
+            .count();
+        assert_eq!((failed, ok), (failing, 4 - failing), "{probes:?}");
+        assert_eq!(upstream.requests() - before, 4);
+        let mut c = Client::new(envoy.port());
+        if closes {
+            wait_until("the state gauge shows closed", || {
+                metric(&envoy, "mesh_circuit_state", "payments") == Some(0.0)
+            });
+            for _ in 0..10 {
+                let r = c.get("/payments", &[]).unwrap();
+                assert!(from_upstream(&r) && r.status == 200, "{r:?}");
+            }
+            assert_eq!(upstream.requests() - before, 14);
+            assert_eq!(
+                metric(&envoy, "mesh_circuit_opened_total", "payments"),
+                Some(1.0)
+            );
+        } else {
+            wait_until("the state gauge shows open", || {
+                metric(&envoy, "mesh_circuit_state", "payments") == Some(1.0)
+            });
+            for _ in 0..5 {
+                assert!(is_circuit_open(&c.get("/payments", &[]).unwrap()));
+            }
+            assert_eq!(upstream.requests() - before, 4);
+            assert_eq!(
+                metric(&envoy, "mesh_circuit_opened_total", "payments"),
+                Some(2.0)
+            );
+        }
+    }
+}
+
+#[test]
+fn any_failure_policy_reopens_at_the_first_failed_probe() {
+    let (envoy, upstream) = envoy_with(&PROBING.replace(
+        r#""half_open_calls": 3"#,
+        r#""half_open_calls": 3, "half_open_policy": "any_failure""#,
+    ));
     open_then_wait(&envoy, &upstream, Duration::ZERO);
     let mut c = Client::new(envoy.port());
     let before = upstream.requests();

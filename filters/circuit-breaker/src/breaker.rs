@@ -12,7 +12,7 @@
 
 use mesh_shared::circuit::CircuitState;
 
-use crate::config::{Policy, Window};
+use crate::config::{HalfOpenPolicy, Policy, Window};
 
 /// What one call turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +53,15 @@ impl Outcome {
 /// A state change worth reporting (stats, the published cluster status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
-    /// Closed -> open (thresholds crossed), half-open -> open (a probe failed,
-    /// or the probes did not report in time).
+    /// Closed -> open (thresholds crossed), half-open -> open (the probes
+    /// failed, or did not all answer in time).
     Opened { from: CircuitState, until: u64 },
-    /// Open -> half-open (the first request after `open_for`).
-    HalfOpened,
-    /// Half-open -> closed (all probes succeeded).
+    /// Open -> half-open (the first request after `open_for`). `reopened`:
+    /// the breaker was half-open before, its probes did not answer in time,
+    /// and the `open_for` that followed had already passed at this request
+    /// (half-open -> open -> half-open in one step).
+    HalfOpened { reopened: bool },
+    /// Half-open -> closed (the probes passed).
     Closed,
 }
 
@@ -66,23 +69,28 @@ impl Transition {
     pub fn to(self) -> CircuitState {
         match self {
             Transition::Opened { .. } => CircuitState::Open,
-            Transition::HalfOpened => CircuitState::HalfOpen,
+            Transition::HalfOpened { .. } => CircuitState::HalfOpen,
             Transition::Closed => CircuitState::Closed,
         }
+    }
+
+    /// Whether the breaker opened (for `mesh_circuit_opened_total`).
+    pub fn opened(self) -> bool {
+        matches!(
+            self,
+            Transition::Opened { .. } | Transition::HalfOpened { reopened: true }
+        )
     }
 
     pub fn from(self) -> CircuitState {
         match self {
             Transition::Opened { from, .. } => from,
-            Transition::HalfOpened => CircuitState::Open,
+            Transition::HalfOpened { reopened: false } => CircuitState::Open,
+            Transition::HalfOpened { reopened: true } => CircuitState::HalfOpen,
             Transition::Closed => CircuitState::HalfOpen,
         }
     }
 }
-
-/// A half-open breaker whose probes have not all reported after this long is
-/// opened again, so a lost probe (a crashed VM) cannot hold it half-open for ever.
-pub const MIN_HALF_OPEN_WAIT_NANOS: u64 = 60_000_000_000;
 
 /// The state of one breaker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +107,10 @@ pub struct Breaker {
     pub last_call: u64,
     pub consecutive_failures: u32,
     pub probes_admitted: u32,
-    pub probes_succeeded: u32,
+    /// Probe outcomes recorded in this half-open episode (ignored ones are not).
+    pub probe_calls: u32,
+    pub probe_failures: u32,
+    pub probe_slow: u32,
     pub window: WindowState,
 }
 
@@ -240,7 +251,9 @@ impl Breaker {
             last_call: now,
             consecutive_failures: 0,
             probes_admitted: 0,
-            probes_succeeded: 0,
+            probe_calls: 0,
+            probe_failures: 0,
+            probe_slow: 0,
             window: WindowState::empty(window),
         }
     }
@@ -250,7 +263,9 @@ impl Breaker {
         self.generation = self.generation.wrapping_add(1);
         self.since = now;
         self.probes_admitted = 0;
-        self.probes_succeeded = 0;
+        self.probe_calls = 0;
+        self.probe_failures = 0;
+        self.probe_slow = 0;
         self.consecutive_failures = 0;
         self.open_until = if state == CircuitState::Open {
             now.saturating_add(policy.open_for_nanos)
@@ -262,22 +277,35 @@ impl Breaker {
         }
     }
 
+    /// Probes that did not all answer within `max_wait_in_half_open`: open
+    /// again, from the instant the wait ended (as Resilience4j's timer
+    /// would), so a request now may find that `open_for` over too, and a
+    /// probe answering now is late.
+    fn expire_half_open(&mut self, policy: &Policy, now: u64) -> Option<Transition> {
+        let timed_out_at = self
+            .since
+            .saturating_add(policy.max_wait_in_half_open_nanos);
+        if self.state != CircuitState::HalfOpen || now < timed_out_at {
+            return None;
+        }
+        self.enter(CircuitState::Open, policy, timed_out_at);
+        Some(Transition::Opened {
+            from: CircuitState::HalfOpen,
+            until: self.open_until,
+        })
+    }
+
     /// Decides whether a request may go through. Returns the decision,
     /// whether the breaker changed (then the caller must write it), and the
     /// transition, if any.
     pub fn admit(&mut self, policy: &Policy, now: u64) -> (Admit, bool, Option<Transition>) {
-        let mut transition = None;
-        if self.state == CircuitState::Open && now >= self.open_until {
+        let mut transition = self.expire_half_open(policy, now);
+        let timed_out = transition.is_some();
+        // Resilience4j probes only once the wait has passed (`isAfter`).
+        if self.state == CircuitState::Open && now > self.open_until {
             self.enter(CircuitState::HalfOpen, policy, now);
-            transition = Some(Transition::HalfOpened);
-        }
-        if self.state == CircuitState::HalfOpen
-            && now >= self.since.saturating_add(half_open_wait(policy))
-        {
-            self.enter(CircuitState::Open, policy, now);
-            transition = Some(Transition::Opened {
-                from: CircuitState::HalfOpen,
-                until: self.open_until,
+            transition = Some(Transition::HalfOpened {
+                reopened: timed_out,
             });
         }
         let mut changed = transition.is_some();
@@ -322,35 +350,73 @@ impl Breaker {
         if generation != self.generation {
             return (false, None);
         }
+        if let Some(t) = self.expire_half_open(policy, now) {
+            return (true, Some(t));
+        }
         match self.state {
             CircuitState::Open => (false, None),
-            CircuitState::HalfOpen => match outcome {
-                Outcome::Ignored => {
+            CircuitState::HalfOpen => {
+                if outcome == Outcome::Ignored {
                     self.probes_admitted = self.probes_admitted.saturating_sub(1);
-                    (true, None)
+                    return (true, None);
                 }
-                Outcome::Success => {
-                    self.probes_succeeded += 1;
-                    if u64::from(self.probes_succeeded) >= policy.half_open_calls {
+                self.probe_calls = self.probe_calls.saturating_add(1);
+                self.probe_failures = self
+                    .probe_failures
+                    .saturating_add(u32::from(outcome.is_failure()));
+                self.probe_slow = self.probe_slow.saturating_add(u32::from(outcome.is_slow()));
+                let verdict = match policy.half_open_policy {
+                    // A slow probe fails as a failure does.
+                    HalfOpenPolicy::AnyFailure if outcome != Outcome::Success => {
+                        Some(CircuitState::Open)
+                    }
+                    HalfOpenPolicy::AnyFailure
+                        if u64::from(self.probe_calls) < policy.half_open_calls =>
+                    {
+                        None
+                    }
+                    HalfOpenPolicy::AnyFailure => Some(CircuitState::Closed),
+                    // As Resilience4j: judged once `minimum_calls` probes
+                    // answered (capped as for the window), at most all of
+                    // them (with the defaults, 100 and 10: all of them).
+                    HalfOpenPolicy::Rate
+                        if u64::from(self.probe_calls)
+                            < minimum_calls(policy).min(policy.half_open_calls) =>
+                    {
+                        None
+                    }
+                    HalfOpenPolicy::Rate => Some(
+                        if rates_reached(
+                            policy,
+                            u64::from(self.probe_calls),
+                            u64::from(self.probe_failures),
+                            u64::from(self.probe_slow),
+                        ) {
+                            CircuitState::Open
+                        } else {
+                            CircuitState::Closed
+                        },
+                    ),
+                };
+                match verdict {
+                    None => (true, None),
+                    Some(CircuitState::Open) => {
+                        self.enter(CircuitState::Open, policy, now);
+                        (
+                            true,
+                            Some(Transition::Opened {
+                                from: CircuitState::HalfOpen,
+                                until: self.open_until,
+                            }),
+                        )
+                    }
+                    Some(_) => {
                         self.enter(CircuitState::Closed, policy, now);
                         self.last_call = now;
                         (true, Some(Transition::Closed))
-                    } else {
-                        (true, None)
                     }
                 }
-                // A slow probe fails the probe as a failure does.
-                Outcome::Slow | Outcome::Failure { .. } => {
-                    self.enter(CircuitState::Open, policy, now);
-                    (
-                        true,
-                        Some(Transition::Opened {
-                            from: CircuitState::HalfOpen,
-                            until: self.open_until,
-                        }),
-                    )
-                }
-            },
+            }
             CircuitState::Closed => {
                 if outcome == Outcome::Ignored {
                     return (false, None);
@@ -386,20 +452,10 @@ impl Breaker {
             return true;
         }
         let t = self.window.totals(now);
-        let minimum = match policy.window {
-            // A count window can never hold more than its size.
-            Window::Count { size } => policy.minimum_calls.min(size),
-            Window::Time { .. } => policy.minimum_calls,
-        };
-        if t.calls == 0 || t.calls < minimum {
+        if t.calls == 0 || t.calls < minimum_calls(policy) {
             return false;
         }
-        if t.failures * 100 >= policy.failure_rate_percent * t.calls {
-            return true;
-        }
-        policy
-            .slow_call
-            .is_some_and(|s| t.slow * 100 >= s.rate_percent * t.calls)
+        rates_reached(policy, t.calls, t.failures, t.slow)
     }
 
     /// Whether the slot may be given to another key: a closed breaker without
@@ -413,14 +469,26 @@ impl Breaker {
     }
 }
 
-/// How long half-open may wait for its probes: `open_for`, at least a minute.
-pub fn half_open_wait(policy: &Policy) -> u64 {
-    policy.open_for_nanos.max(MIN_HALF_OPEN_WAIT_NANOS)
+/// The calls a window must hold before it is judged: `minimum_calls`, for a
+/// count window at most its size (it can never hold more; as Resilience4j).
+fn minimum_calls(policy: &Policy) -> u64 {
+    match policy.window {
+        Window::Count { size } => policy.minimum_calls.min(size),
+        Window::Time { .. } => policy.minimum_calls,
+    }
+}
+
+/// Whether `failures` or `slow` of `calls` (> 0) reach the rule's thresholds (`>=`).
+fn rates_reached(policy: &Policy, calls: u64, failures: u64, slow: u64) -> bool {
+    failures * 100 >= policy.failure_rate_percent * calls
+        || policy
+            .slow_call
+            .is_some_and(|s| slow * 100 >= s.rate_percent * calls)
 }
 
 // ---- encoding ----
 
-const HEADER: usize = 8 + 1 + 4 + 8 + 8 + 8 + 4 + 4 + 4 + 4;
+const HEADER: usize = 8 + 1 + 4 + 8 + 8 + 8 + 4 + 4 + 4 + 4 + 4 + 4;
 const BUCKET: usize = 8 + 4 + 4 + 4;
 
 /// Bytes of an encoded breaker with this window.
@@ -443,7 +511,9 @@ impl Breaker {
         out.extend_from_slice(&self.last_call.to_le_bytes());
         out.extend_from_slice(&self.consecutive_failures.to_le_bytes());
         out.extend_from_slice(&self.probes_admitted.to_le_bytes());
-        out.extend_from_slice(&self.probes_succeeded.to_le_bytes());
+        out.extend_from_slice(&self.probe_calls.to_le_bytes());
+        out.extend_from_slice(&self.probe_failures.to_le_bytes());
+        out.extend_from_slice(&self.probe_slow.to_le_bytes());
         match &self.window {
             WindowState::Count { next, calls } => {
                 out.extend_from_slice(&next.to_le_bytes());
@@ -482,7 +552,9 @@ impl Breaker {
         let last_call = r.u64()?;
         let consecutive_failures = r.u32()?;
         let probes_admitted = r.u32()?;
-        let probes_succeeded = r.u32()?;
+        let probe_calls = r.u32()?;
+        let probe_failures = r.u32()?;
+        let probe_slow = r.u32()?;
         let next = r.u32()?;
         let window = match window {
             Window::Count { .. } => WindowState::Count {
@@ -514,7 +586,9 @@ impl Breaker {
             last_call,
             consecutive_failures,
             probes_admitted,
-            probes_succeeded,
+            probe_calls,
+            probe_failures,
+            probe_slow,
             window,
         })
     }

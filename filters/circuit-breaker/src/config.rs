@@ -5,7 +5,9 @@ use mesh_shared::hash::KeyHasher;
 use mesh_shared::spec::{self, unique_names, Duration, Integer, LocalResponseSpec};
 use mesh_shared::{Attribute, Matcher, Source};
 
-use crate::spec::{ConfigSpec, RuleSpec, ScopeSpec, WindowKind, WindowSize, WindowSpec};
+use crate::spec::{
+    ConfigSpec, HalfOpenPolicySpec, RuleSpec, ScopeSpec, WindowKind, WindowSize, WindowSpec,
+};
 
 use crate::table::BreakerTable;
 
@@ -73,7 +75,25 @@ pub struct Policy {
     pub consecutive_failures: u64,
     pub open_for_nanos: u64,
     pub half_open_calls: u64,
+    pub half_open_policy: HalfOpenPolicy,
+    /// A half-open breaker whose probes have not all answered after this long
+    /// opens again (Resilience4j's `maxWaitDurationInHalfOpenState`).
+    pub max_wait_in_half_open_nanos: u64,
 }
+
+/// How the half-open probes are judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfOpenPolicy {
+    /// Resilience4j's: once all probes have answered, open again if their
+    /// failure rate or slow-call rate reaches the rule's threshold, else close.
+    Rate,
+    /// The first failing (or slow) probe opens the breaker again at once;
+    /// closing needs every probe to succeed.
+    AnyFailure,
+}
+
+/// The default half-open wait: `open_for`, at least a minute.
+pub const MIN_DEFAULT_HALF_OPEN_WAIT_NANOS: u64 = 60 * NANOS_PER_SEC;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -228,6 +248,19 @@ fn compile_rule(
         None => 60 * NANOS_PER_SEC,
     };
     let half_open_calls = spec.half_open_calls.map_or(10, Integer::get);
+    let half_open_policy = match spec.half_open_policy {
+        None | Some(HalfOpenPolicySpec::Rate) => HalfOpenPolicy::Rate,
+        Some(HalfOpenPolicySpec::AnyFailure) => HalfOpenPolicy::AnyFailure,
+    };
+    let max_wait_in_half_open_nanos = match spec.max_wait_in_half_open {
+        Some(d) => bounded_duration(
+            d,
+            || format!("rules[{index}].max_wait_in_half_open"),
+            std::time::Duration::from_secs(86_400),
+            "must be at most 1 day",
+        )?,
+        None => open_for_nanos.max(MIN_DEFAULT_HALF_OPEN_WAIT_NANOS),
+    };
     let max_breakers = spec.max_breakers.map_or(default_max_breakers, Integer::get);
     let matcher = Matcher::compile(spec.matcher);
 
@@ -240,6 +273,8 @@ fn compile_rule(
         consecutive_failures,
         open_for_nanos,
         half_open_calls,
+        half_open_policy,
+        max_wait_in_half_open_nanos,
     };
     // Breaker entries are keyed by everything that gives their bytes meaning,
     // so a changed configuration starts from fresh breakers instead of
@@ -275,6 +310,11 @@ fn compile_rule(
         open_for_nanos,
         half_open_calls,
         max_breakers,
+        match policy.half_open_policy {
+            HalfOpenPolicy::Rate => 0,
+            HalfOpenPolicy::AnyFailure => 1,
+        },
+        policy.max_wait_in_half_open_nanos,
     ];
     for (lo, hi) in &policy.failure_when.statuses {
         numbers.extend([u64::from(*lo), u64::from(*hi)]);
@@ -336,6 +376,8 @@ mod tests {
         );
         assert_eq!(p.open_for_nanos, 10 * NANOS_PER_SEC);
         assert_eq!(p.half_open_calls, 3);
+        assert_eq!(p.half_open_policy, HalfOpenPolicy::Rate);
+        assert_eq!(p.max_wait_in_half_open_nanos, 60 * NANOS_PER_SEC);
         assert_eq!(c.rules[0].scope, Scope::Route);
         assert_eq!(c.response.status, 503);
     }
@@ -377,6 +419,21 @@ mod tests {
         );
         assert_eq!(c.response.body, "circuit open\n");
         assert!(Config::parse(b"", "t").unwrap().rules.is_empty());
+        let half_open = Config::parse(
+            br#"{"rules": [{"name": "a", "open_for": "90s", "half_open_policy": "any_failure"},
+                {"name": "b", "half_open_policy": "rate", "max_wait_in_half_open": "5s"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let (a, b) = (&half_open.rules[0].policy, &half_open.rules[1].policy);
+        assert_eq!(a.half_open_policy, HalfOpenPolicy::AnyFailure);
+        assert_eq!(
+            a.max_wait_in_half_open_nanos,
+            90 * NANOS_PER_SEC,
+            "open_for when longer than a minute"
+        );
+        assert_eq!(b.half_open_policy, HalfOpenPolicy::Rate);
+        assert_eq!(b.max_wait_in_half_open_nanos, 5 * NANOS_PER_SEC);
     }
 
     #[test]
@@ -413,6 +470,18 @@ mod tests {
         assert_eq!(
             err(&rule(r#""scope": "tenant""#)),
             "rules[0].scope: unknown variant `tenant`, expected one of `route`, `cluster`, `header`"
+        );
+        assert_eq!(
+            err(&rule(r#""half_open_policy": "all""#)),
+            "rules[0].half_open_policy: unknown variant `all`, expected `rate` or `any_failure`"
+        );
+        assert_eq!(
+            err(&rule(r#""max_wait_in_half_open": "0s""#)),
+            "rules[0].max_wait_in_half_open: must be longer than 0s"
+        );
+        assert_eq!(
+            err(&rule(r#""max_wait_in_half_open": "2d""#)),
+            "rules[0].max_wait_in_half_open: must be at most 1 day"
         );
         assert_eq!(
             err(&rule(r#""slow_call": {"rate_percent": 50}"#)),

@@ -12,7 +12,9 @@ use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::{Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Verdict};
+use crate::{
+    Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Transition, Verdict,
+};
 
 const FILTER: &str = "circuit-breaker";
 
@@ -82,10 +84,7 @@ impl State {
         let Some(stats) = self.stats.get(change.rule) else {
             return;
         };
-        if change
-            .transition
-            .is_some_and(|t| t.to() == CircuitState::Open)
-        {
+        if change.transition.is_some_and(Transition::opened) {
             stats.opened.add(1);
         }
         if let Some(summary) = summary {

@@ -21,7 +21,7 @@ use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
 pub use breaker::{Admit, Outcome, Transition};
-pub use config::{Config, Policy, Rule, Scope};
+pub use config::{Config, HalfOpenPolicy, Policy, Rule, Scope};
 pub use table::{Slot, Summary, Ticket};
 
 /// A call let through to the upstream; its outcome must be reported with [`CircuitBreaker::finish`].
@@ -206,7 +206,8 @@ impl CircuitBreaker {
         };
         let policy = &rule.policy;
         let slow = match (policy.slow_call, response.duration_nanos) {
-            (Some(s), Some(d)) => d >= s.duration_nanos,
+            // Longer than the threshold, as Resilience4j (`>`; the rates compare with `>=`).
+            (Some(s), Some(d)) => d > s.duration_nanos,
             _ => false,
         };
         let from_upstream = match response.details {

@@ -52,8 +52,22 @@ pub struct RuleSpec {
     pub open_for: Option<Duration>,
     /// Probes admitted half-open (default 10).
     pub half_open_calls: Option<Integer<1, 1000>>,
+    /// How the probes are judged: `rate` (default, Resilience4j's) or `any_failure`.
+    pub half_open_policy: Option<HalfOpenPolicySpec>,
+    /// Half-open waits at most this long for its probes (default `open_for`, at least 60s; at most 1 day).
+    pub max_wait_in_half_open: Option<Duration>,
     /// Breakers of this rule (default: the top-level `max_breakers`).
     pub max_breakers: Option<Integer<1, MAX_MAX_BREAKERS>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HalfOpenPolicySpec {
+    /// Once the probes have answered, their failure or slow-call rate decides.
+    Rate,
+    /// The first failing or slow probe opens the breaker again.
+    AnyFailure,
 }
 
 #[derive(Debug, Clone, Deserialize)]

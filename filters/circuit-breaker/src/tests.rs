@@ -166,7 +166,14 @@ fn slow_calls_trip_the_slow_call_rate() {
         panic!()
     };
     assert_eq!(cb.classify(&c, upstream(200, 499)), Outcome::Success);
-    assert_eq!(cb.classify(&c, upstream(200, 500)), Outcome::Slow);
+    // Slow means longer than the duration (Resilience4j's `>`).
+    let at = |nanos: u64| Response {
+        duration_nanos: Some(nanos),
+        ..upstream(200, 0)
+    };
+    assert_eq!(cb.classify(&c, at(500 * MS)), Outcome::Success);
+    assert_eq!(cb.classify(&c, at(500 * MS + 1)), Outcome::Slow);
+    assert_eq!(cb.classify(&c, upstream(200, 501)), Outcome::Slow);
     assert_eq!(
         cb.classify(&c, upstream(503, 900)),
         Outcome::Failure { slow: true }
@@ -267,13 +274,109 @@ fn half_open_admits_exactly_the_probes_then_closes_when_all_succeed() {
     }
 }
 
+/// The state of the PAYMENTS breaker (its only one) as the rule's summary has it.
+fn state(cb: &CircuitBreaker, s: &MemoryStore) -> CircuitState {
+    cb.config.rules[0].table.summary(s).worst()
+}
+
 #[test]
-fn one_failed_probe_opens_again() {
-    let (cb, s) = opened();
+fn the_probes_are_judged_by_their_failure_rate_once_all_answered() {
+    // 3 probes at 50%: one failure (33%) closes, two (67%) open.
+    for (codes, after_all) in [
+        ([200, 502, 200], CircuitState::Closed),
+        ([502, 200, 503], CircuitState::Open),
+    ] {
+        let (cb, s) = opened();
+        let after = T0 + 11 * SEC;
+        let probes: Vec<Verdict> = (0..3).map(|i| admit(&cb, &s, after + i)).collect();
+        report(&cb, &s, &probes[0], codes[0], after + 10);
+        report(&cb, &s, &probes[1], codes[1], after + 11);
+        assert_eq!(
+            state(&cb, &s),
+            CircuitState::HalfOpen,
+            "{codes:?}: one probe still out"
+        );
+        report(&cb, &s, &probes[2], codes[2], after + 12);
+        assert_eq!(state(&cb, &s), after_all, "{codes:?}");
+    }
+}
+
+#[test]
+fn probes_are_judged_after_minimum_calls_when_that_is_fewer() {
+    // As Resilience4j: minimum_calls 2 of 4 probes. Two successes close it,
+    // one failure of the first two (50%) opens it.
+    for (codes, after_two) in [
+        ([200, 200], CircuitState::Closed),
+        ([200, 500], CircuitState::Open),
+    ] {
+        let (cb, s) = breaker(
+            r#"{"rules": [{"name": "payments", "consecutive_failures": 1, "minimum_calls": 2,
+                "open_for": "10s", "half_open_calls": 4}]}"#,
+        );
+        call(&cb, &s, route("payments"), T0, 500, 0);
+        let after = T0 + 11 * SEC;
+        let probes: Vec<Verdict> = (0..4).map(|i| admit(&cb, &s, after + i)).collect();
+        assert!(probes.iter().all(passed));
+        report(&cb, &s, &probes[0], codes[0], after + 10);
+        assert_eq!(state(&cb, &s), CircuitState::HalfOpen);
+        report(&cb, &s, &probes[1], codes[1], after + 11);
+        assert_eq!(state(&cb, &s), after_two, "{codes:?}");
+    }
+}
+
+#[test]
+fn slow_probes_count_in_the_slow_call_rate() {
+    let (mut cb, s) = breaker(
+        r#"{"rules": [{"name": "payments", "consecutive_failures": 1, "open_for": "10s", "half_open_calls": 2,
+            "failure_rate_percent": 100, "slow_call": {"duration": "100ms", "rate_percent": 50}}]}"#,
+    );
+    for any_failure in [false, true] {
+        if any_failure {
+            cb.config.rules[0].policy.half_open_policy = HalfOpenPolicy::AnyFailure;
+        }
+        let start = T0 + u64::from(any_failure) * 1000 * SEC;
+        call(&cb, &s, route("payments"), start, 500, 0);
+        assert_eq!(state(&cb, &s), CircuitState::Open);
+        let after = start + 11 * SEC;
+        let probes: Vec<Verdict> = (0..2).map(|i| admit(&cb, &s, after + i)).collect();
+        let Verdict::Pass { call: slow, .. } = &probes[0] else {
+            panic!("{probes:?}")
+        };
+        // A success, but slow: 1 of 1 probes is slow (the rate waits for both).
+        let outcome = cb.classify(slow, upstream(200, 150));
+        assert_eq!(outcome, Outcome::Slow);
+        if let Some(c) = cb.finish(&s, slow, outcome, after + 150 * MS) {
+            cb.apply(&s, &c);
+        }
+        let expected = if any_failure {
+            CircuitState::Open
+        } else {
+            CircuitState::HalfOpen
+        };
+        assert_eq!(state(&cb, &s), expected);
+        if !any_failure {
+            report(&cb, &s, &probes[1], 200, after + 200 * MS);
+            assert_eq!(state(&cb, &s), CircuitState::Open, "1 of 2 slow: 50%");
+            // Close it for the next round.
+            let later = after + 11 * SEC;
+            for i in 0..2 {
+                let v = admit(&cb, &s, later + i);
+                report(&cb, &s, &v, 200, later + 10);
+            }
+            assert_eq!(state(&cb, &s), CircuitState::Closed);
+        }
+    }
+}
+
+#[test]
+fn any_failure_policy_opens_at_the_first_failing_probe() {
+    let (mut cb, s) = opened();
+    cb.config.rules[0].policy.half_open_policy = HalfOpenPolicy::AnyFailure;
     let after = T0 + 11 * SEC;
     let probes: Vec<Verdict> = (0..3).map(|i| admit(&cb, &s, after + i)).collect();
     report(&cb, &s, &probes[0], 200, after + 10);
     report(&cb, &s, &probes[1], 502, after + 11);
+    assert_eq!(state(&cb, &s), CircuitState::Open);
     // Late probe outcomes belong to the old half-open episode: ignored.
     report(&cb, &s, &probes[2], 200, after + 12);
     match admit(&cb, &s, after + 5 * SEC) {
@@ -347,6 +450,7 @@ fn probes_that_never_report_reopen_the_breaker_after_the_wait() {
     for i in 0..3 {
         assert!(passed(&admit(&cb, &s, after + i)));
     }
+    // open_for is 10s, so the wait is the default minimum, 60s.
     assert!(!passed(&admit(&cb, &s, after + 59 * SEC)));
     match admit(&cb, &s, after + 61 * SEC) {
         Verdict::Reject {
@@ -354,11 +458,51 @@ fn probes_that_never_report_reopen_the_breaker_after_the_wait() {
             retry_after_secs,
             ..
         } => {
-            assert_eq!((state, retry_after_secs), (CircuitState::Open, 10));
+            // Opened when the wait ended (after + 60s), until after + 70s.
+            assert_eq!((state, retry_after_secs), (CircuitState::Open, 9));
         }
         v => panic!("{v:?}"),
     }
-    assert!(passed(&admit(&cb, &s, after + 72 * SEC)), "half-open again");
+    assert!(
+        !passed(&admit(&cb, &s, after + 70 * SEC)),
+        "open_for not over yet"
+    );
+    assert!(
+        passed(&admit(&cb, &s, after + 70 * SEC + 1)),
+        "half-open again"
+    );
+}
+
+#[test]
+fn max_wait_in_half_open_bounds_lost_probes() {
+    let (mut cb, s) = opened();
+    cb.config.rules[0].policy.max_wait_in_half_open_nanos = 2 * SEC;
+    let after = T0 + 11 * SEC;
+    for i in 0..3 {
+        assert!(passed(&admit(&cb, &s, after + i)));
+    }
+    assert!(!passed(&admit(&cb, &s, after + 2 * SEC - 1)));
+    assert_eq!(state(&cb, &s), CircuitState::HalfOpen);
+    assert!(!passed(&admit(&cb, &s, after + 2 * SEC)));
+    assert_eq!(state(&cb, &s), CircuitState::Open);
+    // No request for a long time: the request that finds the wait and the
+    // next open_for both over probes at once (half-open -> open -> half-open).
+    let (mut cb, s) = opened();
+    cb.config.rules[0].policy.max_wait_in_half_open_nanos = 2 * SEC;
+    assert!(passed(&admit(&cb, &s, after)));
+    match cb.check(&mut route("payments"), &s, after + 13 * SEC) {
+        Verdict::Pass { call, change } => {
+            assert!(call.probe);
+            let t = change.and_then(|c| c.transition).unwrap();
+            assert_eq!(t, Transition::HalfOpened { reopened: true });
+            assert!(t.opened(), "counted as an opening");
+            assert_eq!(
+                (t.from(), t.to()),
+                (CircuitState::HalfOpen, CircuitState::HalfOpen)
+            );
+        }
+        v => panic!("{v:?}"),
+    }
 }
 
 #[test]
@@ -582,20 +726,25 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     /// Whatever the order of requests and outcomes: no half-open episode
     /// admits more than `half_open_calls` probes, and a breaker closes only
-    /// after that many probes of the episode succeeded.
+    /// after that many probes of the episode answered, below the failure
+    /// rate (with `any_failure`: all of them succeeded).
     #[test]
     fn probes_never_exceed_the_permits_and_closing_needs_all_of_them(
         half_open_calls in 1u64..5,
+        any_failure in any::<bool>(),
         ops in proptest::collection::vec(op(), 1..300),
     ) {
-        let (cb, s) = breaker(&format!(
+        let (mut cb, s) = breaker(&format!(
             r#"{{"rules": [{{"name": "p", "window": {{"kind": "count", "size": 4}}, "minimum_calls": 2,
                 "open_for": "1s", "half_open_calls": {half_open_calls}}}]}}"#
         ));
+        if any_failure {
+            cb.config.rules[0].policy.half_open_policy = HalfOpenPolicy::AnyFailure;
+        }
         let mut now = T0;
         let mut pending: Vec<Call> = Vec::new();
-        // Per half-open generation: probes admitted, probe successes recorded.
-        let mut probes: std::collections::HashMap<u32, (u64, u64)> = Default::default();
+        // Per half-open generation: probes admitted, successes, failures recorded.
+        let mut probes: std::collections::HashMap<u32, (u64, u64, u64)> = Default::default();
         for op in ops {
             match op {
                 Op::Request(ms) => {
@@ -626,14 +775,22 @@ proptest! {
                         }
                     }
                     let change = cb.finish(&s, &call, outcome, now);
-                    if call.probe && outcome == Outcome::Success {
+                    if call.probe {
                         if let Some(e) = probes.get_mut(&call.generation) {
-                            e.1 += 1;
+                            e.1 += u64::from(outcome == Outcome::Success);
+                            e.2 += u64::from(outcome.is_failure());
                         }
                     }
                     if let Some(Transition::Closed) = change.and_then(|c| c.transition) {
-                        let (_, ok) = probes.get(&call.generation).copied().unwrap_or_default();
-                        prop_assert_eq!(ok, half_open_calls, "closed without enough successful probes");
+                        let (_, ok, failed) = probes.get(&call.generation).copied().unwrap_or_default();
+                        if any_failure {
+                            prop_assert_eq!(ok, half_open_calls, "closed without enough successful probes");
+                        } else {
+                            // Judged after minimum_calls (2) probes, at most all of them.
+                            let judged = half_open_calls.min(2);
+                            prop_assert_eq!(ok + failed, judged, "closed before the probes were judged");
+                            prop_assert!(failed * 100 < 50 * judged, "closed at {} failures", failed);
+                        }
                     }
                 }
             }

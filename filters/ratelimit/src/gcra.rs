@@ -9,7 +9,13 @@
 //! then one every `E`; over any interval of length `t` it admits at most
 //! `burst + t / E` requests. A TAT in the past is the same as a fresh bucket,
 //! which is what lets the key table reuse such slots (see `table.rs`).
-//! This is the same model as the `governor` crate.
+//! This is the same model as the `governor` crate, and `tests/governor.rs`
+//! checks it against governor itself: the same allow/deny and earliest
+//! retry, to the nanosecond, for `Quota::with_period(per / requests)
+//! .allow_burst(burst)` (or `per_second/per_minute/per_hour(requests)` where
+//! the unit divides evenly). Burst does not stretch the period, as with those
+//! constructors. One difference: where `per / requests` is not a whole number
+//! of nanoseconds, governor's `per_*` round the interval down; we round it up.
 
 use std::time::Duration;
 
