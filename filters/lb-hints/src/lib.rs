@@ -292,15 +292,16 @@ impl Balancer {
         self.pick_judged(req, store, now, random).0
     }
 
-    /// [`Balancer::pick`], and the change of the rule's canary analysis state
-    /// this request made (it closed an interval or applied a step), if any.
+    /// [`Balancer::pick`], with the rule's canary analysis state (for rules
+    /// with `analysis`) and the change this request made to it (it closed an
+    /// interval or applied a step), if any.
     pub fn pick_judged(
         &self,
         req: &mut dyn Request,
         store: &dyn SharedStore,
         now: u64,
         random: u64,
-    ) -> (Pick, Option<canary::Change>) {
+    ) -> (Pick, Option<canary::State>, Option<canary::Change>) {
         let route = RouteChoice::of(req, "lb-hints", self.config.route_metadata);
         let Some((index, _)) = self
             .config
@@ -309,16 +310,14 @@ impl Balancer {
             .enumerate()
             .find(|(_, r)| route.allows(&r.name) && r.matcher.matches(req))
         else {
-            return (Pick::NoRule, None);
+            return (Pick::NoRule, None, None);
         };
         let (analysed, change) = match self.canary_state(index, store, now) {
             Some((state, change)) => (Some(state), change),
             None => (None, None),
         };
-        (
-            self.pick_in(req, store, now, random, index, analysed),
-            change,
-        )
+        let pick = self.pick_in(req, store, now, random, index, analysed);
+        (pick, analysed, change)
     }
 
     fn pick_in(

@@ -47,7 +47,7 @@ fn request(
     if let Some(u) = user {
         req = req.with_header("x-user", u);
     }
-    let (pick, change) = b.pick_judged(&mut req, store, clock.now_nanos(), clock.now_nanos());
+    let (pick, _, change) = b.pick_judged(&mut req, store, clock.now_nanos(), clock.now_nanos());
     let mut changes: Vec<_> = change.into_iter().collect();
     let Pick::Target { target, .. } = pick else {
         panic!("expected a target, got {pick:?}");
