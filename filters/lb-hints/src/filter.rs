@@ -267,7 +267,7 @@ fn set_request_header(name: &str, value: Option<&str>) {
 
 // The stream callbacks `impl HttpContext for Http` handles; the build drops
 // the exports of the others (mesh_shared::callbacks).
-mesh_shared::stream_callbacks!("request_headers", "log", "done");
+mesh_shared::stream_callbacks!("request_headers", "response_headers", "log", "done");
 
 impl Context for Http {
     fn on_done(&mut self) -> bool {
