@@ -412,3 +412,23 @@ fn slow_canary_calls_above_the_slow_threshold_roll_back_like_failures() {
     assert!(slow.is_some_and(|n| n >= 5.0), "{slow:?}");
     assert_eq!(fresh_requests(&s, 100), (100, 0));
 }
+
+#[test]
+fn a_bad_analysis_is_refused_with_the_json_path_and_envoy_does_not_start() {
+    mesh_testkit::envoy::assert_config_refused(
+        "lb-hints",
+        &rollout(
+            r#"[{"after": "1m", "weights": {"v2": 50}}]"#,
+            r#""interval": "0s""#,
+        ),
+        "lb-hints: rules[0].analysis.interval: must be longer than 0s",
+    );
+    mesh_testkit::envoy::assert_config_refused(
+        "lb-hints",
+        &rollout(
+            r#"[{"after": "1m", "weights": {"v2": 50}}]"#,
+            r#""max_failure_rate_percent": 150"#,
+        ),
+        "lb-hints: rules[0].analysis.max_failure_rate_percent: expected an integer from 0 to 100, got 150",
+    );
+}
