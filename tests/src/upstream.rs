@@ -3,7 +3,8 @@
 //! What it does per request comes from its current [`Behaviour`] (set by the
 //! test), overridden per request by headers the client sends through Envoy:
 //! `x-upstream-status: 503`, `x-upstream-delay-ms: 200`, `x-upstream-reset: 1`
-//! (close the connection without answering). Every answer carries
+//! (close the connection without answering). [`Upstream::fail_share`] makes a
+//! share of the other requests fail, evenly spread. Every answer carries
 //! `x-served-by: <name>` and the body `<name>\n`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -53,6 +54,9 @@ struct Shared {
     requests: AtomicU64,
     in_flight: AtomicU64,
     behaviour: Mutex<Behaviour>,
+    /// Percent of requests answered 503 (0: none), and how many were counted for it.
+    fail_percent: AtomicU64,
+    fail_counted: AtomicU64,
     seen: Mutex<Vec<SeenRequest>>,
     stop: AtomicBool,
 }
@@ -80,6 +84,8 @@ impl Upstream {
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             behaviour: Mutex::new(Behaviour::default()),
+            fail_percent: AtomicU64::new(0),
+            fail_counted: AtomicU64::new(0),
             seen: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -119,6 +125,15 @@ impl Upstream {
         *self.shared.behaviour.lock().unwrap() = behaviour;
     }
 
+    /// From now on `percent` of the requests that name no status themselves
+    /// are answered 503, spread evenly (of every 10 at 30%: exactly 3).
+    pub fn fail_share(&self, percent: u64) {
+        self.shared.fail_counted.store(0, Ordering::SeqCst);
+        self.shared
+            .fail_percent
+            .store(percent.min(100), Ordering::SeqCst);
+    }
+
     pub fn seen(&self) -> Vec<SeenRequest> {
         self.shared.seen.lock().unwrap().clone()
     }
@@ -154,6 +169,14 @@ fn serve(conn: TcpStream, shared: &Shared) {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_string)
         };
+        let percent = shared.fail_percent.load(Ordering::SeqCst);
+        if percent > 0 {
+            let n = shared.fail_counted.fetch_add(1, Ordering::SeqCst);
+            // The n-th request fails when it takes the failed count to the next integer.
+            if (n + 1) * percent / 100 > n * percent / 100 {
+                behaviour.status = 503;
+            }
+        }
         if let Some(s) = text("x-upstream-status").and_then(|s| s.parse().ok()) {
             behaviour.status = s;
         }

@@ -325,7 +325,8 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
         "open_for": "10s", "half_open_calls": 3}]}"#;
     const LB_HINTS: &str = r#"{"rules": [{"name": "reviews-canary", "match": {"route": "payments"},
         "header": "x-mesh-target", "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}],
-        "algorithm": "weighted_round_robin"}]}"#;
+        "algorithm": "weighted_round_robin",
+        "steps": [{"after": "1h", "weights": {"v2": 50}}], "analysis": {"canary": "v2"}}]}"#;
     let backend = Upstream::start("backend");
     let backend2 = Upstream::start("backend2");
     let envoy = Envoy::start(&with_duration_buckets(

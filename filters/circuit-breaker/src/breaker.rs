@@ -14,41 +14,7 @@ use mesh_shared::circuit::CircuitState;
 
 use crate::config::{HalfOpenPolicy, Policy, Window};
 
-/// What one call turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    /// A success whose response headers came after `slow_call.duration`.
-    Slow,
-    /// A failure; slow or not (counted in the slow-call rate too when slow).
-    Failure {
-        slow: bool,
-    },
-    /// Not an upstream call after all (another filter answered, the client
-    /// went away, or a reset with `failure_when.reset: false`): not counted,
-    /// and a half-open permit it held is given back.
-    Ignored,
-}
-
-impl Outcome {
-    pub fn is_failure(self) -> bool {
-        matches!(self, Outcome::Failure { .. })
-    }
-
-    pub fn is_slow(self) -> bool {
-        matches!(self, Outcome::Slow | Outcome::Failure { slow: true })
-    }
-
-    /// The `outcome` label of `mesh_circuit_calls_total`; `None` when ignored.
-    pub fn label(self) -> Option<&'static str> {
-        match self {
-            Outcome::Success => Some("success"),
-            Outcome::Slow => Some("slow"),
-            Outcome::Failure { .. } => Some("failure"),
-            Outcome::Ignored => None,
-        }
-    }
-}
+pub use mesh_shared::outcome::Outcome;
 
 /// A state change worth reporting (stats, the published cluster status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -103,21 +103,7 @@ pub enum Window {
     Time { buckets: u64, bucket_nanos: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailureWhen {
-    /// Inclusive status ranges that count as failures (`5xx` is 500..=599).
-    pub statuses: Vec<(u32, u32)>,
-    /// A reset or timeout with no upstream status counts as a failure (else it is ignored).
-    pub reset: bool,
-}
-
-impl FailureWhen {
-    pub fn is_failure_status(&self, status: u32) -> bool {
-        self.statuses
-            .iter()
-            .any(|(lo, hi)| (*lo..=*hi).contains(&status))
-    }
-}
+pub use mesh_shared::outcome::FailureWhen;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlowCall {
@@ -213,10 +199,7 @@ fn compile_rule(
     let minimum_calls = spec.minimum_calls.map_or(100, Integer::get);
     let failure_rate_percent = spec.failure_rate_percent.map_or(50, Integer::get);
     let failure_when = match spec.failure_when {
-        None => FailureWhen {
-            statuses: vec![(500, 599)],
-            reset: true,
-        },
+        None => FailureWhen::default(),
         Some(f) => FailureWhen {
             statuses: f.statuses.map_or_else(
                 || vec![(500, 599)],

@@ -17,11 +17,12 @@ mod filter;
 
 use mesh_shared::circuit::{self, CircuitState, CircuitStatus};
 use mesh_shared::hash::hash64;
+use mesh_shared::outcome;
 use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
 pub use breaker::{Admit, Outcome, Transition};
-pub use config::{Config, HalfOpenPolicy, Policy, Rule, Scope};
+pub use config::{Config, Policy, Rule, Scope};
 pub use table::{Slot, Summary, Ticket};
 
 /// A call let through to the upstream; its outcome must be reported with [`CircuitBreaker::finish`].
@@ -95,28 +96,7 @@ impl Verdict {
     }
 }
 
-/// How the response looked to the filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Response<'a> {
-    /// `response.code`, if any.
-    pub code: Option<u32>,
-    /// `response.code_details` (`via_upstream` when the upstream answered).
-    pub details: Option<&'a [u8]>,
-    /// From request start to response headers; `None` if none came.
-    pub duration_nanos: Option<u64>,
-}
-
-/// Whether Envoy's `response.code_details` says the upstream failed to answer.
-/// Seen in Envoy 1.40: a reset is `upstream_reset_before_response_started{...}`
-/// (503), a route timeout is `response_timeout` (504); per-try timeouts are
-/// `upstream_per_try_timeout`, an empty cluster `no_healthy_upstream`.
-/// Anything else without an upstream status (another filter's local reply,
-/// `downstream_remote_disconnect`) is not the upstream's doing.
-pub fn is_upstream_trouble(details: &[u8]) -> bool {
-    details.starts_with(b"upstream_")
-        || details == b"response_timeout"
-        || details == b"no_healthy_upstream"
-}
+pub use mesh_shared::outcome::{is_upstream_trouble, Response};
 
 /// A cluster name as text (Envoy's names are ASCII; anything else is not a name).
 fn text(bytes: &[u8]) -> String {
@@ -205,36 +185,8 @@ impl CircuitBreaker {
             return Outcome::Ignored;
         };
         let policy = &rule.policy;
-        let slow = match (policy.slow_call, response.duration_nanos) {
-            // Longer than the threshold, as Resilience4j (`>`; the rates compare with `>=`).
-            (Some(s), Some(d)) => d > s.duration_nanos,
-            _ => false,
-        };
-        let from_upstream = match response.details {
-            Some(details) => details == b"via_upstream",
-            // Without details, a status is taken as the upstream's.
-            None => response.code.is_some(),
-        };
-        if let (true, Some(code), Some(_)) = (from_upstream, response.code, response.duration_nanos)
-        {
-            return if policy.failure_when.is_failure_status(code) {
-                Outcome::Failure { slow }
-            } else if slow {
-                Outcome::Slow
-            } else {
-                Outcome::Success
-            };
-        }
-        // No upstream status: Envoy answered itself, or nothing was answered.
-        let upstream_trouble = match response.details {
-            Some(d) => is_upstream_trouble(d),
-            None => true,
-        };
-        if upstream_trouble && policy.failure_when.reset {
-            Outcome::Failure { slow }
-        } else {
-            Outcome::Ignored
-        }
+        let slow_nanos = policy.slow_call.map(|s| s.duration_nanos);
+        outcome::classify(&policy.failure_when, slow_nanos, response)
     }
 
     /// Records the outcome of `call`; returns the state change it caused.

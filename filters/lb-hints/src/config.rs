@@ -5,6 +5,7 @@ use mesh_shared::hash::KeyHasher;
 use mesh_shared::spec::{self, unique_names, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
 
+pub use crate::canary::Analysis;
 use crate::spec::{AlgorithmSpec, ConfigSpec, NoTargetSpec, RuleSpec};
 
 /// Targets per rule: a target index fits a byte in the precomputed sequences.
@@ -39,6 +40,8 @@ pub struct Rule {
     pub schedule: Vec<Step>,
     pub avoid_open_circuits: bool,
     pub no_target: NoTarget,
+    /// Canary analysis gating the steps (see `canary.rs`).
+    pub analysis: Option<Analysis>,
     /// Prefix of this rule's shared-data keys.
     pub key_prefix: String,
 }
@@ -199,6 +202,12 @@ fn compile_rule(spec: RuleSpec, index: usize, scope: &str) -> Result<Rule, Confi
             weights,
         });
     }
+    let analysis = match spec.analysis {
+        Some(a) => Some(crate::analysis_config::compile(
+            a, &at, &targets, &schedule,
+        )?),
+        None => None,
+    };
 
     // Shared counters are keyed by what gives them meaning, so a changed rule
     // starts fresh (and restarts its step schedule) instead of misreading old ones.
@@ -214,6 +223,9 @@ fn compile_rule(spec: RuleSpec, index: usize, scope: &str) -> Result<Rule, Confi
         for w in &s.weights {
             identity.part(&w.to_le_bytes());
         }
+    }
+    if let Some(a) = &analysis {
+        crate::analysis_config::identity(a, &mut identity);
     }
     let key_prefix = format!("mesh.lb.{scope}.{index}.{:016x}.", identity.finish());
     Ok(Rule {
@@ -232,6 +244,7 @@ fn compile_rule(spec: RuleSpec, index: usize, scope: &str) -> Result<Rule, Confi
             None | Some(NoTargetSpec::Reject) => NoTarget::Reject,
             Some(NoTargetSpec::Pass) => NoTarget::Pass,
         },
+        analysis,
         key_prefix,
     })
 }

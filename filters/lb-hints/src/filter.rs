@@ -13,6 +13,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
+use mesh_shared::outcome::{Outcome, Response};
+
+use crate::canary::{self, Change, Phase, Verdict};
 use crate::{Balancer, Config, NoTarget, Pick};
 
 const FILTER: &str = "lb-hints";
@@ -30,6 +33,67 @@ struct RuleStats {
     picks: Vec<Metric>,
     /// `mesh_lb_no_target_total{rule}`.
     no_target: Metric,
+    /// Rules with `analysis` only.
+    canary: Option<CanaryStats>,
+}
+
+/// Stat ids of one rule's canary analysis.
+struct CanaryStats {
+    /// `mesh_lb_canary_state{rule}`: 0 progressing, 1 promoted, 2 rolled back.
+    state: Metric,
+    /// `mesh_lb_canary_step{rule}`: index of the step in force (0: the initial weights).
+    step: Metric,
+    /// `mesh_lb_canary_rollbacks_total{rule}`.
+    rollbacks: Metric,
+    /// `mesh_lb_canary_calls_total{rule, outcome}`: success, slow, failure.
+    success: Metric,
+    slow: Metric,
+    failure: Metric,
+    /// What this worker last wrote into the gauges (phase, step).
+    shown: Cell<Option<(Phase, u32)>>,
+}
+
+impl CanaryStats {
+    fn new(rule: &str) -> CanaryStats {
+        let calls = |outcome: &str| {
+            Metric::counter(&stat_name(
+                "mesh_lb_canary_calls_total",
+                &[("rule", rule), ("outcome", outcome)],
+            ))
+        };
+        CanaryStats {
+            state: Metric::gauge(&stat_name("mesh_lb_canary_state", &[("rule", rule)])),
+            step: Metric::gauge(&stat_name("mesh_lb_canary_step", &[("rule", rule)])),
+            rollbacks: Metric::counter(&stat_name(
+                "mesh_lb_canary_rollbacks_total",
+                &[("rule", rule)],
+            )),
+            success: calls("success"),
+            slow: calls("slow"),
+            failure: calls("failure"),
+            shown: Cell::new(None),
+        }
+    }
+
+    /// Sets the gauges to `state` unless this worker already showed it.
+    fn show(&self, state: &canary::State) {
+        let now = (state.phase, state.step);
+        if self.shown.get() != Some(now) {
+            self.state.record(state.phase as u64);
+            self.step.record(u64::from(state.step));
+            self.shown.set(Some(now));
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let metric = match outcome {
+            Outcome::Success => self.success,
+            Outcome::Slow => self.slow,
+            Outcome::Failure { .. } => self.failure,
+            Outcome::Ignored => return,
+        };
+        metric.add(1);
+    }
 }
 
 struct State {
@@ -65,7 +129,7 @@ impl RootContext for Root {
         let now = HostClock.now_nanos();
         let mut balancer = Balancer::new(config);
         balancer.setup(&HostStore, now);
-        let stats = balancer
+        let stats: Vec<RuleStats> = balancer
             .config
             .rules
             .iter()
@@ -84,8 +148,14 @@ impl RootContext for Root {
                     "mesh_lb_no_target_total",
                     &[("rule", &r.name)],
                 )),
+                canary: r.analysis.as_ref().map(|_| CanaryStats::new(&r.name)),
             })
             .collect();
+        for (i, s) in stats.iter().enumerate() {
+            if let (Some(c), Some(state)) = (&s.canary, balancer.canary(&HostStore, i)) {
+                c.show(&state);
+            }
+        }
         host::log(
             LogLevel::Info,
             &format!(
@@ -109,6 +179,7 @@ impl RootContext for Root {
         Some(Box::new(Http {
             state,
             in_flight: None,
+            judged: None,
         }))
     }
 
@@ -121,6 +192,39 @@ struct Http {
     state: Rc<State>,
     /// (rule, target) counted in the shared in-flight counts until the stream ends.
     in_flight: Option<(usize, usize)>,
+    /// (rule, start time) of a canary call whose outcome the analysis judges.
+    judged: Option<(usize, u64)>,
+}
+
+impl State {
+    /// Books a change of a rule's analysis state: gauges, rollbacks, a log line.
+    fn report(&self, rule: usize, change: &Change) {
+        let Some(stats) = self.stats.get(rule).and_then(|s| s.canary.as_ref()) else {
+            return;
+        };
+        stats.show(&change.after);
+        if !change.rolled_back() {
+            return;
+        }
+        stats.rollbacks.add(1);
+        let name = self
+            .balancer
+            .config
+            .rules
+            .get(rule)
+            .map(|r| r.name.as_str())
+            .unwrap_or_default();
+        let why = match change.judged {
+            Some((Verdict::Failed, calls, failures, slow)) => {
+                format!("{failures} failed and {slow} slow of {calls} calls in the interval")
+            }
+            _ => "failed intervals".to_string(),
+        };
+        host::log(
+            LogLevel::Warn,
+            &format!("{FILTER}: rule {name}: canary rolled back ({why}); it gets no more calls until the rule's configuration changes"),
+        );
+    }
 }
 
 impl Http {
@@ -129,6 +233,28 @@ impl Http {
     fn release(&mut self) {
         if let Some((rule, target)) = self.in_flight.take() {
             self.state.balancer.release(&HostStore, rule, target);
+        }
+    }
+
+    /// Judges a canary call once it answered (`headers_seen`) or ended without answer.
+    fn judge(&mut self, headers_seen: bool) {
+        let Some((rule, started)) = self.judged.take() else {
+            return;
+        };
+        let now = HostClock.now_nanos();
+        let details = host::property(&["response", "code_details"]);
+        let response = Response {
+            code: host::response_code(),
+            details: details.as_deref(),
+            duration_nanos: headers_seen.then(|| now.saturating_sub(started)),
+        };
+        let state = Rc::clone(&self.state);
+        let outcome = state.balancer.classify(rule, response);
+        if let Some(c) = state.stats.get(rule).and_then(|s| s.canary.as_ref()) {
+            c.count(outcome);
+        }
+        if let Some(change) = state.balancer.record(&HostStore, rule, outcome, now) {
+            state.report(rule, &change);
         }
     }
 }
@@ -141,7 +267,7 @@ fn set_request_header(name: &str, value: Option<&str>) {
 
 // The stream callbacks `impl HttpContext for Http` handles; the build drops
 // the exports of the others (mesh_shared::callbacks).
-mesh_shared::stream_callbacks!("request_headers", "log", "done");
+mesh_shared::stream_callbacks!("request_headers", "response_headers", "log", "done");
 
 impl Context for Http {
     fn on_done(&mut self) -> bool {
@@ -154,12 +280,32 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let state = Rc::clone(&self.state);
         let balancer = &state.balancer;
-        let pick = balancer.pick(
+        let now = HostClock.now_nanos();
+        let (pick, analysed, change) = balancer.pick_judged(
             &mut HostRequest::new(),
             &HostStore,
-            HostClock.now_nanos(),
+            now,
             state.next_random(),
         );
+        let rule_of = match pick {
+            Pick::Target { rule, .. } | Pick::NoTarget { rule } => Some(rule),
+            Pick::NoRule => None,
+        };
+        if let Some(rule) = rule_of {
+            if let Some(change) = &change {
+                state.report(rule, change);
+            } else if let (Some(s), Some(c)) = (
+                analysed,
+                state.stats.get(rule).and_then(|s| s.canary.as_ref()),
+            ) {
+                c.show(&s);
+            }
+        }
+        if balancer.judges(&pick) {
+            if let Some(rule) = rule_of {
+                self.judged = Some((rule, now));
+            }
+        }
         match pick {
             Pick::NoRule => Action::Continue,
             Pick::Target {
@@ -209,7 +355,14 @@ impl HttpContext for Http {
         }
     }
 
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.judge(true);
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        // A canary call that ended without response headers (a reset).
+        self.judge(false);
         self.release();
     }
 }

@@ -9,8 +9,11 @@
 //!
 //! Shared data per rule (all workers see the same, so shares are exact for
 //! the proxy): a sequence counter for the round-robin algorithms, in-flight
-//! counts for `least_requests`, and the start time of the step schedule.
+//! counts for `least_requests`, the start time of the step schedule, and
+//! a rule's canary analysis state (see [`canary`]).
 
+mod analysis_config;
+pub mod canary;
 pub mod config;
 pub mod sequence;
 pub mod spec;
@@ -22,10 +25,12 @@ use std::cell::RefCell;
 
 use mesh_shared::circuit;
 use mesh_shared::hash::hash64;
+use mesh_shared::outcome::{self, Outcome, Response};
 use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::store::{ensure, update, SharedStore, Step as Write};
 use mesh_shared::Request;
 
+pub use canary::{Analysis, Phase};
 pub use config::{Algorithm, Config, NoTarget, Rule, Target};
 
 /// CAS attempts before a shared counter gives up for one request (the pick
@@ -69,6 +74,8 @@ pub struct Balancer {
     pub config: Config,
     /// Per rule: when its step schedule started (clock nanoseconds).
     starts: Vec<u64>,
+    /// Per rule: the schedule's `after` offsets (what canary analysis gates).
+    afters: Vec<Vec<u64>>,
     /// Per rule, per step: the smooth-WRR sequence of the step's weights.
     sequences: Vec<Vec<Vec<u8>>>,
     /// Sequences of other weight sets (with targets skipped for open circuits).
@@ -85,6 +92,10 @@ fn in_flight_key(rule: &Rule) -> String {
 
 fn start_key(rule: &Rule) -> String {
     format!("{}start", rule.key_prefix)
+}
+
+fn canary_key(rule: &Rule) -> String {
+    format!("{}canary", rule.key_prefix)
 }
 
 fn read_u64(bytes: Option<&[u8]>) -> u64 {
@@ -200,9 +211,15 @@ impl Balancer {
             })
             .collect();
         let starts = vec![0; config.rules.len()];
+        let afters = config
+            .rules
+            .iter()
+            .map(|r| r.schedule.iter().map(|s| s.after_nanos).collect())
+            .collect();
         Balancer {
             config,
             starts,
+            afters,
             sequences,
             cache: RefCell::new(Vec::new()),
         }
@@ -230,6 +247,14 @@ impl Balancer {
                     .get(&start_key(rule))
                     .map(|(b, _)| read_u64(Some(&b)))
                     .unwrap_or(now);
+            }
+            if rule.analysis.is_some() {
+                // Intervals count from the schedule's start.
+                ensure(
+                    store,
+                    &canary_key(rule),
+                    &canary::State::new(*start).encode(),
+                );
             }
         }
     }
@@ -264,14 +289,47 @@ impl Balancer {
         now: u64,
         random: u64,
     ) -> Pick {
+        self.pick_judged(req, store, now, random).0
+    }
+
+    /// [`Balancer::pick`], with the rule's canary analysis state (for rules
+    /// with `analysis`) and the change this request made to it (it closed an
+    /// interval or applied a step), if any.
+    pub fn pick_judged(
+        &self,
+        req: &mut dyn Request,
+        store: &dyn SharedStore,
+        now: u64,
+        random: u64,
+    ) -> (Pick, Option<canary::State>, Option<canary::Change>) {
         let route = RouteChoice::of(req, "lb-hints", self.config.route_metadata);
-        let Some((index, rule)) = self
+        let Some((index, _)) = self
             .config
             .rules
             .iter()
             .enumerate()
             .find(|(_, r)| route.allows(&r.name) && r.matcher.matches(req))
         else {
+            return (Pick::NoRule, None, None);
+        };
+        let (analysed, change) = match self.canary_state(index, store, now) {
+            Some((state, change)) => (Some(state), change),
+            None => (None, None),
+        };
+        let pick = self.pick_in(req, store, now, random, index, analysed);
+        (pick, analysed, change)
+    }
+
+    fn pick_in(
+        &self,
+        req: &mut dyn Request,
+        store: &dyn SharedStore,
+        now: u64,
+        random: u64,
+        index: usize,
+        analysed: Option<canary::State>,
+    ) -> Pick {
+        let Some(rule) = self.config.rules.get(index) else {
             return Pick::NoRule;
         };
         let least_requests = rule.algorithm == Algorithm::LeastRequests;
@@ -291,9 +349,21 @@ impl Balancer {
             }
         }
 
-        let step = self.step_index(index, now);
-        let mut weights = self.weights_at(index, now).to_vec();
-        let mut skipped = false;
+        let (step, mut weights, mut skipped) = match (analysed, &rule.analysis) {
+            (Some(state), Some(a)) => {
+                let step = (state.step as usize).min(rule.schedule.len().saturating_sub(1));
+                let of_step = rule.schedule.get(step).map(|s| s.weights.as_slice());
+                let weights =
+                    canary::effective_weights(of_step.unwrap_or_default(), a.canary, state.phase);
+                // Rolled back: not the step's weights, so not its sequence.
+                (step, weights, state.phase == Phase::RolledBack)
+            }
+            _ => (
+                self.step_index(index, now),
+                self.weights_at(index, now).to_vec(),
+                false,
+            ),
+        };
         if rule.avoid_open_circuits {
             let open: Vec<bool> = rule
                 .targets
@@ -381,6 +451,128 @@ impl Balancer {
             Some((t, how)) => chosen(t, how),
             None => Pick::NoTarget { rule: index },
         }
+    }
+
+    /// The canary analysis state of rule `index` (none without `analysis`),
+    /// after closing an interval or applying a step that is due at `now`.
+    fn canary_state(
+        &self,
+        index: usize,
+        store: &dyn SharedStore,
+        now: u64,
+    ) -> Option<(canary::State, Option<canary::Change>)> {
+        let rule = self.config.rules.get(index)?;
+        let analysis = rule.analysis.as_ref()?;
+        let afters = self.afters.get(index)?;
+        let start = self.starts.get(index).copied().unwrap_or(0);
+        let key = canary_key(rule);
+        let read = |bytes: Option<&[u8]>| {
+            bytes
+                .and_then(canary::State::decode)
+                .unwrap_or_else(|| canary::State::new(start))
+        };
+        let current = read(store.get(&key).map(|(b, _)| b).as_deref());
+        if !analysis.due(&current, afters, start, now) {
+            return Some((current, None));
+        }
+        self.change_canary(store, index, |state| {
+            analysis.advance(state, afters, start, now)
+        })
+        .or(Some((current, None)))
+    }
+
+    /// Applies `decide` to the rule's analysis state with CAS; the state
+    /// after, and the change if one was written by this call.
+    fn change_canary(
+        &self,
+        store: &dyn SharedStore,
+        index: usize,
+        decide: impl Fn(canary::State) -> (canary::State, Option<(canary::Verdict, u64, u64, u64)>),
+    ) -> Option<(canary::State, Option<canary::Change>)> {
+        let rule = self.config.rules.get(index)?;
+        let start = self.starts.get(index).copied().unwrap_or(0);
+        update(store, &canary_key(rule), MAX_ATTEMPTS, |cur| {
+            let before = cur
+                .and_then(canary::State::decode)
+                .unwrap_or_else(|| canary::State::new(start));
+            let (after, judged) = decide(before);
+            if after == before {
+                Write::Keep((after, None))
+            } else {
+                let change = canary::Change {
+                    before,
+                    after,
+                    judged,
+                };
+                Write::Write(after.encode(), (after, Some(change)))
+            }
+        })
+        .ok()
+        .map(|(r, _)| r)
+    }
+
+    /// Whether the outcome of `pick` is judged by its rule's canary analysis:
+    /// the rule chose the canary itself (not by `override`).
+    pub fn judges(&self, pick: &Pick) -> bool {
+        match *pick {
+            Pick::Target {
+                rule, target, how, ..
+            } => {
+                how != How::Override
+                    && self
+                        .config
+                        .rules
+                        .get(rule)
+                        .and_then(|r| r.analysis.as_ref())
+                        .is_some_and(|a| a.canary == target)
+            }
+            _ => false,
+        }
+    }
+
+    /// What a finished canary call of `rule` was (circuit-breaker's judging).
+    pub fn classify(&self, rule: usize, response: Response<'_>) -> Outcome {
+        match self
+            .config
+            .rules
+            .get(rule)
+            .and_then(|r| r.analysis.as_ref())
+        {
+            Some(a) => outcome::classify(&a.failure_when, a.slow_call_nanos, response),
+            None => Outcome::Ignored,
+        }
+    }
+
+    /// Counts a finished canary call of `rule` (a pick [`Balancer::judges`]);
+    /// returns the change it made if it closed an interval or applied a step.
+    pub fn record(
+        &self,
+        store: &dyn SharedStore,
+        rule: usize,
+        outcome: Outcome,
+        now: u64,
+    ) -> Option<canary::Change> {
+        let analysis = self.config.rules.get(rule)?.analysis.as_ref()?;
+        let afters = self.afters.get(rule)?;
+        let start = self.starts.get(rule).copied().unwrap_or(0);
+        let (_, change) = self.change_canary(store, rule, |state| {
+            analysis.record(state, afters, start, outcome, now)
+        })?;
+        change
+    }
+
+    /// The canary analysis state of `rule` as the shared data holds it.
+    pub fn canary(&self, store: &dyn SharedStore, rule: usize) -> Option<canary::State> {
+        let r = self.config.rules.get(rule)?;
+        r.analysis.as_ref()?;
+        let start = self.starts.get(rule).copied().unwrap_or(0);
+        let bytes = store.get(&canary_key(r)).map(|(b, _)| b);
+        Some(
+            bytes
+                .as_deref()
+                .and_then(canary::State::decode)
+                .unwrap_or_else(|| canary::State::new(start)),
+        )
     }
 
     /// Claims the next position of the rule's shared sequence.

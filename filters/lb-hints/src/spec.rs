@@ -45,6 +45,8 @@ pub struct RuleSpec {
     pub override_header: Option<OverrideSpec>,
     /// Weight changes over time, in order of `after`.
     pub steps: Option<Vec<StepSpec>>,
+    /// Canary analysis: the steps advance only while the canary is healthy.
+    pub analysis: Option<AnalysisSpec>,
     /// Skip a target whose cluster's breaker is open.
     pub avoid_open_circuits: Option<bool>,
     /// No target with a weight above zero: `reject` (default) or `pass`.
@@ -97,4 +99,27 @@ pub struct StepSpec {
 pub enum NoTargetSpec {
     Reject,
     Pass,
+}
+
+/// Largest `min_calls` and `failure_limit`.
+pub const MAX_COUNT: u64 = 1_000_000_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSpec {
+    /// The target judged: one of `targets`.
+    pub canary: Name,
+    /// Length of one judged interval (default 1m, at most 24h).
+    pub interval: Option<Duration>,
+    /// Calls an interval needs to be judged (default 20); fewer: inconclusive.
+    pub min_calls: Option<Integer<1, MAX_COUNT>>,
+    /// The interval fails above this share of failed calls (default 5).
+    pub max_failure_rate_percent: Option<Integer<0, 100>>,
+    /// A call whose response headers take this long or longer is slow.
+    pub slow_call: Option<Duration>,
+    /// The interval fails above this share of slow calls (default 100: off; needs `slow_call`).
+    pub max_slow_rate_percent: Option<Integer<0, 100>>,
+    /// Failed intervals tolerated before the rollback (default 0).
+    pub failure_limit: Option<Integer<0, MAX_COUNT>>,
 }

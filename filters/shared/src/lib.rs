@@ -12,6 +12,7 @@ pub mod config;
 pub mod duration;
 pub mod hash;
 pub mod matcher;
+pub mod outcome;
 pub mod request;
 pub mod route_metadata;
 pub mod spec;
