@@ -21,6 +21,7 @@ pub mod demo;
 pub mod envoy;
 pub mod http;
 pub mod registry;
+pub mod rls;
 pub mod tools;
 pub mod upstream;
 
