@@ -457,7 +457,7 @@ fn bad_global_blocks_are_refused_with_the_json_path() {
     let cases = [
         (
             rule(r#"{"domain": "mesh"}"#),
-            "ratelimit: rules[0].global.service: is required",
+            "ratelimit: rules[0].global: missing field `service`",
         ),
         (
             rule(r#"{"service": "rls", "domain": "my domain"}"#),
