@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_shared::request::FakeRequest;
 use mesh_shared::store::MemoryStore;
-use ratelimit::{Config, RateLimiter};
+use ratelimit::{CallOutcome, Check, Config, RateLimiter};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::parse(data, "fuzz") else {
@@ -12,13 +12,26 @@ fuzz_target!(|data: &[u8]| {
     };
     // Huge tables (the default is 100 000 keys per rule) are valid but make
     // every run crawl; the table's bound is tested in the crate and in Envoy.
-    let slots: u64 = config.rules.iter().map(|r| r.table.max_keys()).sum();
+    let slots: u64 = config
+        .rules
+        .iter()
+        .flat_map(|r| {
+            let local = r.local.as_ref().map(|l| l.table.max_keys());
+            let global = r.global.as_ref().map(|g| g.remembered.max_keys());
+            local.into_iter().chain(global)
+        })
+        .sum();
     if slots > 4096 {
         return;
     }
     let limiter = RateLimiter::new(config);
     let store = MemoryStore::new();
     limiter.create_tables(&store);
-    let verdict = limiter.check(&mut FakeRequest::new(), &store, mesh_fuzz::T0);
+    let verdict = match limiter.check(&mut FakeRequest::new(), &store, mesh_fuzz::T0) {
+        Check::Done(verdict) => verdict,
+        // A global rule: conclude as if the call failed.
+        Check::Ask(call) => limiter.conclude(&call, CallOutcome::Failed, &store, mesh_fuzz::T0),
+    };
     let _ = limiter.headers(&verdict);
+    let _ = limiter.response(&verdict);
 });

@@ -234,6 +234,20 @@ impl Bootstrap {
         self
     }
 
+    /// A static HTTP/2 cluster (for a gRPC service such as an RLS server).
+    pub fn grpc_cluster(mut self, name: &str, port: u16) -> Self {
+        self.clusters.push(format!(
+            r#"{{"name": {n}, "connect_timeout": "1s", "type": "STATIC",
+  "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
+  "load_assignment": {{"cluster_name": {n}, "endpoints": [{{"lb_endpoints": [
+    {{"endpoint": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {port}}}}}}}}}]}}]}}}}"#,
+            n = json_string(name)
+        ));
+        self
+    }
+
     pub fn yaml(&self) -> String {
         let tags: Vec<String> = STAT_TAGS
             .iter()

@@ -23,6 +23,7 @@ pub mod envoy;
 pub mod func_e;
 pub mod http;
 pub mod registry;
+pub mod rls;
 pub mod tools;
 pub mod upstream;
 

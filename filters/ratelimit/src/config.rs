@@ -8,7 +8,11 @@ use mesh_shared::spec::{self, unique_names, Integer, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
 
 use crate::gcra::Gcra;
-use crate::spec::{ConfigSpec, HeaderStyleSpec, MissingKeySpec, RuleSpec};
+use crate::global::{FailureMode, Global, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+use crate::rls;
+use crate::spec::{
+    ConfigSpec, FailureModeSpec, GlobalSpec, HeaderStyleSpec, LimitSpec, MissingKeySpec, RuleSpec,
+};
 use crate::table::KeyTable;
 
 pub const DEFAULT_MAX_KEYS: u64 = 100_000;
@@ -33,10 +37,19 @@ pub struct Rule {
     pub matcher: Matcher,
     /// Parts of the key; empty means one bucket for the whole rule.
     pub key: Vec<Source>,
-    pub limit: Limit,
-    pub gcra: Gcra,
+    /// The limit enforced in this Envoy (with `global`: the pre-check).
+    pub local: Option<LocalLimit>,
+    /// The limit shared by every Envoy through an RLS service.
+    pub global: Option<Global>,
     pub on_missing_key: MissingKey,
     pub shadow: bool,
+}
+
+/// A rule's `limit`, compiled: the GCRA and its buckets in shared data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalLimit {
+    pub limit: Limit,
+    pub gcra: Gcra,
     pub table: KeyTable,
 }
 
@@ -114,7 +127,67 @@ fn compile_rule(
         .into_iter()
         .map(Source::from)
         .collect();
-    let per = spec.limit.per.get();
+    let limit = spec.limit.map(|l| compile_limit(l, index)).transpose()?;
+    if limit.is_none() && spec.global.is_none() {
+        return Err(ConfigError::at(
+            format!("rules[{index}]"),
+            "needs a \"limit\", a \"global\" block, or both",
+        ));
+    }
+    let on_missing_key = match spec.on_missing_key {
+        None | Some(MissingKeySpec::Skip) => MissingKey::Skip,
+        Some(MissingKeySpec::Deny) => MissingKey::Deny,
+        Some(MissingKeySpec::Static(v)) => MissingKey::Static(v),
+    };
+    // A rule without a key has exactly one bucket.
+    let max_keys = if key.is_empty() {
+        1
+    } else {
+        spec.max_keys.map_or(default_max_keys, Integer::get)
+    };
+    let local = limit.map(|limit| {
+        let gcra = Gcra::new(limit.requests, limit.per, limit.burst);
+        // Buckets are keyed by everything that gives their numbers meaning, so a
+        // changed limit starts from fresh buckets instead of misreading old ones.
+        let prefix = format!(
+            "mesh.rl.{scope}.{index}.{:016x}.",
+            identity(&name, &key, &gcra, max_keys)
+        );
+        LocalLimit {
+            limit,
+            gcra,
+            table: KeyTable::new(prefix, max_keys),
+        }
+    });
+    let global = match spec.global {
+        Some(g) => {
+            let mut h = KeyHasher::new();
+            h.part(name.as_bytes());
+            h.part(g.service.0.as_bytes());
+            h.part(g.domain.0.as_bytes());
+            h.part(&max_keys.to_le_bytes());
+            let prefix = format!("mesh.rl.{scope}.{index}.{:016x}.over.", h.finish());
+            Some(compile_global(
+                g,
+                index,
+                KeyTable::remembered(prefix, max_keys),
+            )?)
+        }
+        None => None,
+    };
+    Ok(Rule {
+        name,
+        matcher: Matcher::compile(spec.matcher),
+        key,
+        local,
+        global,
+        on_missing_key,
+        shadow: spec.shadow.unwrap_or(false),
+    })
+}
+
+fn compile_limit(spec: LimitSpec, index: usize) -> Result<Limit, ConfigError> {
+    let per = spec.per.get();
     let per_path = || format!("rules[{index}].limit.per");
     if per.is_zero() {
         return Err(ConfigError::at(per_path(), "must be longer than 0s"));
@@ -122,39 +195,43 @@ fn compile_rule(
     if per > Duration::from_secs(366 * 86_400) {
         return Err(ConfigError::at(per_path(), "must be at most a year"));
     }
-    let requests = spec.limit.requests.get();
-    let limit = Limit {
+    let requests = spec.requests.get();
+    Ok(Limit {
         requests,
         per,
-        burst: spec.limit.burst.map_or(requests, Integer::get),
-    };
-    let on_missing_key = match spec.on_missing_key {
-        None | Some(MissingKeySpec::Skip) => MissingKey::Skip,
-        Some(MissingKeySpec::Deny) => MissingKey::Deny,
-        Some(MissingKeySpec::Static(v)) => MissingKey::Static(v),
-    };
-    let gcra = Gcra::new(limit.requests, limit.per, limit.burst);
-    // A rule without a key has exactly one bucket.
-    let max_keys = if key.is_empty() {
-        1
-    } else {
-        spec.max_keys.map_or(default_max_keys, Integer::get)
-    };
-    // Buckets are keyed by everything that gives their numbers meaning, so a
-    // changed limit starts from fresh buckets instead of misreading old ones.
-    let prefix = format!(
-        "mesh.rl.{scope}.{index}.{:016x}.",
-        identity(&name, &key, &gcra, max_keys)
-    );
-    Ok(Rule {
-        name,
-        matcher: Matcher::compile(spec.matcher),
-        key,
-        limit,
-        gcra,
-        on_missing_key,
-        shadow: spec.shadow.unwrap_or(false),
-        table: KeyTable::new(prefix, max_keys),
+        burst: spec.burst.map_or(requests, Integer::get),
+    })
+}
+
+/// A rule's `global` block, with `remembered` (the over-limit answers' table).
+fn compile_global(
+    spec: GlobalSpec,
+    index: usize,
+    remembered: KeyTable,
+) -> Result<Global, ConfigError> {
+    let timeout = spec.timeout.map_or(DEFAULT_TIMEOUT, |t| t.get());
+    if timeout < Duration::from_millis(1) || timeout > MAX_TIMEOUT {
+        return Err(ConfigError::at(
+            format!("rules[{index}].global.timeout"),
+            "must be from 1ms to 10s",
+        ));
+    }
+    let service = spec.service.0;
+    Ok(Global {
+        grpc_service: rls::grpc_service(&service),
+        service,
+        domain: spec.domain.0,
+        timeout,
+        failure_mode: match spec.failure_mode {
+            None | Some(FailureModeSpec::Allow) => FailureMode::Allow,
+            Some(FailureModeSpec::Deny) => FailureMode::Deny,
+        },
+        failure_response: LocalResponseSpec::compile(
+            spec.failure_response,
+            503,
+            "rate limit service unavailable\n",
+        ),
+        remembered,
     })
 }
 
@@ -207,14 +284,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.rules.len(), 1);
         assert_eq!(
-            c.rules[0].limit,
+            c.rules[0].local.as_ref().unwrap().limit,
             Limit {
                 requests: 100,
                 per: Duration::from_secs(60),
                 burst: 20
             }
         );
-        assert_eq!(c.rules[0].table.max_keys(), 100_000);
+        assert_eq!(c.rules[0].local.as_ref().unwrap().table.max_keys(), 100_000);
         assert_eq!(c.response.status, 429);
     }
 
@@ -225,10 +302,10 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(c.rules[0].limit.burst, 5);
+        assert_eq!(c.rules[0].local.as_ref().unwrap().limit.burst, 5);
         assert_eq!(c.rules[0].on_missing_key, MissingKey::Skip);
         assert_eq!(
-            c.rules[0].table.max_keys(),
+            c.rules[0].local.as_ref().unwrap().table.max_keys(),
             1,
             "an unkeyed rule has one bucket"
         );
@@ -311,9 +388,10 @@ mod tests {
         )
         .unwrap();
         let r = &c.rules[0];
-        assert_eq!(r.limit.requests, 100);
-        assert_eq!(r.limit.burst, 20);
-        assert_eq!(r.table.max_keys(), 50);
+        let local = r.local.as_ref().unwrap();
+        assert_eq!(local.limit.requests, 100);
+        assert_eq!(local.limit.burst, 20);
+        assert_eq!(local.table.max_keys(), 50);
         assert_eq!(r.on_missing_key, MissingKey::Static("anon".into()));
         assert_eq!(
             r.key,
@@ -325,14 +403,102 @@ mod tests {
     }
 
     #[test]
+    fn the_global_block_and_its_defaults() {
+        let c = Config::parse(
+            br#"{"rules": [{"name": "per-user", "key": [{"header": "x-user"}],
+                 "limit": {"requests": 50, "per": "1s"},
+                 "global": {"service": "rls", "domain": "mesh"}}]}"#,
+            "t",
+        )
+        .unwrap();
+        let g = c.rules[0].global.as_ref().unwrap();
+        assert_eq!((g.service.as_str(), g.domain.as_str()), ("rls", "mesh"));
+        assert_eq!(g.timeout, Duration::from_millis(20));
+        assert_eq!(g.failure_mode, FailureMode::Allow);
+        assert_eq!(
+            g.failure_response,
+            LocalResponse {
+                status: 503,
+                body: "rate limit service unavailable\n".into()
+            }
+        );
+        assert_eq!(g.grpc_service, rls::grpc_service("rls"));
+        assert_eq!(g.remembered.max_keys(), 100_000);
+        assert!(
+            c.rules[0].local.is_some(),
+            "limit with global: the local pre-check"
+        );
+        let only_global = Config::parse(
+            br#"{"rules": [{"name": "g", "global": {"service": "rls", "domain": "mesh", "timeout": "250ms", "failure_mode": "deny"}}]}"#,
+            "t",
+        )
+        .unwrap();
+        let rule = &only_global.rules[0];
+        assert!(rule.local.is_none());
+        let g = rule.global.as_ref().unwrap();
+        assert_eq!(
+            (g.timeout, g.failure_mode),
+            (Duration::from_millis(250), FailureMode::Deny)
+        );
+    }
+
+    #[test]
+    fn bad_global_blocks_name_the_field() {
+        let rule = |global: &str| format!(r#"{{"rules": [{{"name": "a", "global": {global}}}]}}"#);
+        assert_eq!(
+            err(&rule(r#"{"domain": "mesh"}"#)),
+            "rules[0].global: missing field `service`"
+        );
+        assert_eq!(
+            err(&rule(r#"{"service": "rls"}"#)),
+            "rules[0].global: missing field `domain`"
+        );
+        assert_eq!(
+            err(&rule(r#"{"service": "", "domain": "mesh"}"#)),
+            "rules[0].global.service: must not be empty"
+        );
+        assert!(err(&rule(r#"{"service": "rls", "domain": "a b"}"#))
+            .starts_with("rules[0].global.domain: \"a b\": use 1 to 64"));
+        for t in ["0s", "11s", "500us"] {
+            assert_eq!(
+                err(&rule(&format!(
+                    r#"{{"service": "rls", "domain": "d", "timeout": "{t}"}}"#
+                ))),
+                "rules[0].global.timeout: must be from 1ms to 10s",
+                "{t}"
+            );
+        }
+        assert_eq!(
+            err(&rule(
+                r#"{"service": "rls", "domain": "d", "failure_mode": "alow"}"#
+            )),
+            "rules[0].global.failure_mode: unknown variant `alow`, expected `allow` or `deny`"
+        );
+        assert!(err(&rule(
+            r#"{"service": "rls", "domain": "d", "failure_response": {"status": 99}}"#
+        ))
+        .starts_with("rules[0].global.failure_response.status:"));
+        assert!(err(&rule(
+            r#"{"service": "rls", "domain": "d", "servcie": "x"}"#
+        ))
+        .starts_with("rules[0].global.servcie: unknown field"));
+        assert_eq!(
+            err(r#"{"rules": [{"name": "a"}]}"#),
+            r#"rules[0]: needs a "limit", a "global" block, or both"#
+        );
+    }
+
+    #[test]
     fn changing_a_limit_changes_the_bucket_keys() {
         let parse = |n: u32| {
             let json = format!(
                 r#"{{"rules": [{{"name": "a", "limit": {{"requests": {n}, "per": "1s"}}}}]}}"#
             );
             Config::parse(json.as_bytes(), "t").unwrap().rules[0]
-                .table
+                .local
                 .clone()
+                .unwrap()
+                .table
         };
         assert_ne!(parse(5), parse(6));
         assert_eq!(parse(5), parse(5));

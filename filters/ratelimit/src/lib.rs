@@ -8,18 +8,22 @@
 
 pub mod config;
 pub mod gcra;
+pub mod global;
+pub mod rls;
 pub mod spec;
 pub mod table;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
 
+use mesh_shared::config::LocalResponse;
 use mesh_shared::hash::KeyHasher;
 use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
-pub use config::{Config, HeaderStyle, MissingKey, Rule};
+pub use config::{Config, HeaderStyle, LocalLimit, MissingKey, Rule};
 pub use gcra::{Decision, Gcra};
+pub use global::{FailureMode, Global, ServiceStatus};
 
 /// What the filter must do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +50,24 @@ pub enum Verdict {
     DeniedMissingKey { rule: usize },
     /// Shared data stayed contended past the retry budget: let it through.
     FailedOpen { rule: usize },
+    /// The RLS service said OK (`status`: what it told about the limit).
+    GlobalAllowed {
+        rule: usize,
+        status: Option<ServiceStatus>,
+    },
+    /// Over the global limit: the service said so, or said so earlier for this
+    /// key and the answer is still in force (`remembered`: no call was made).
+    GlobalLimited {
+        rule: usize,
+        status: ServiceStatus,
+        remembered: bool,
+    },
+    /// Over the global limit in shadow mode: let it through.
+    GlobalShadowLimited { rule: usize, status: ServiceStatus },
+    /// The call failed and the rule's `failure_mode` is `allow`.
+    GlobalFailedOpen { rule: usize },
+    /// The call failed and the rule's `failure_mode` is `deny`.
+    GlobalFailureDenied { rule: usize },
 }
 
 impl Verdict {
@@ -56,15 +78,23 @@ impl Verdict {
             | Verdict::Limited { rule, .. }
             | Verdict::ShadowLimited { rule, .. }
             | Verdict::DeniedMissingKey { rule }
-            | Verdict::FailedOpen { rule } => Some(rule),
+            | Verdict::FailedOpen { rule }
+            | Verdict::GlobalAllowed { rule, .. }
+            | Verdict::GlobalLimited { rule, .. }
+            | Verdict::GlobalShadowLimited { rule, .. }
+            | Verdict::GlobalFailedOpen { rule }
+            | Verdict::GlobalFailureDenied { rule } => Some(rule),
         }
     }
 
-    /// Whether the request must be answered locally with the rejection.
+    /// Whether the request must be answered locally (see [`RateLimiter::response`]).
     pub fn rejects(&self) -> bool {
         matches!(
             self,
-            Verdict::Limited { .. } | Verdict::DeniedMissingKey { .. }
+            Verdict::Limited { .. }
+                | Verdict::DeniedMissingKey { .. }
+                | Verdict::GlobalLimited { .. }
+                | Verdict::GlobalFailureDenied { .. }
         )
     }
 
@@ -72,13 +102,42 @@ impl Verdict {
     pub fn label(&self) -> &'static str {
         match self {
             Verdict::NoRule => "none",
-            Verdict::Allowed { .. } => "allowed",
+            Verdict::Allowed { .. } | Verdict::GlobalAllowed { .. } => "allowed",
             Verdict::Limited { .. } => "limited",
-            Verdict::ShadowLimited { .. } => "shadow_limited",
+            Verdict::ShadowLimited { .. } | Verdict::GlobalShadowLimited { .. } => "shadow_limited",
             Verdict::DeniedMissingKey { .. } => "denied_missing_key",
-            Verdict::FailedOpen { .. } => "failed_open",
+            Verdict::FailedOpen { .. } | Verdict::GlobalFailedOpen { .. } => "failed_open",
+            Verdict::GlobalLimited { .. } => "global_limited",
+            Verdict::GlobalFailureDenied { .. } => "failure_denied",
         }
     }
+}
+
+/// The outcome of [`RateLimiter::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Decided here.
+    Done(Verdict),
+    /// The rule's RLS service must be asked; hand its answer to
+    /// [`RateLimiter::conclude`].
+    Ask(GlobalCall),
+}
+
+/// A call to make: the rule, the key, and the `RateLimitRequest` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalCall {
+    pub rule: usize,
+    pub fp: u64,
+    pub request: Vec<u8>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome<'a> {
+    /// The service answered with these `RateLimitResponse` bytes.
+    Answered(&'a [u8]),
+    /// No usable answer: unreachable, timed out, a gRPC error status.
+    Failed,
 }
 
 /// The compiled configuration and the decision procedure.
@@ -88,7 +147,8 @@ pub struct RateLimiter {
 }
 
 enum KeyOutcome {
-    Key(u64),
+    /// The key's fingerprint and, for a global rule, its parts' values.
+    Key(u64, Vec<Vec<u8>>),
     Skip,
     Deny,
 }
@@ -98,16 +158,22 @@ impl RateLimiter {
         RateLimiter { config }
     }
 
-    /// Creates every rule's shared-data table (configure time).
+    /// Creates every rule's shared-data tables (configure time).
     pub fn create_tables(&self, store: &dyn SharedStore) {
         for rule in &self.config.rules {
-            rule.table.create(store);
+            if let Some(local) = &rule.local {
+                local.table.create(store);
+            }
+            if let Some(global) = &rule.global {
+                global.remembered.create(store);
+            }
         }
     }
 
     /// Decides for one request: the first rule whose match holds (and whose key
-    /// is present, unless it says otherwise) applies.
-    pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Verdict {
+    /// is present, unless it says otherwise) applies. A global rule first
+    /// applies its local pre-check and what is remembered, then asks.
+    pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Check {
         let route = RouteChoice::of(req, "ratelimit", self.config.route_metadata);
         for (index, rule) in self.config.rules.iter().enumerate() {
             if !route.allows(&rule.name) {
@@ -116,78 +182,135 @@ impl RateLimiter {
             if !rule.matcher.matches(req) {
                 continue;
             }
-            let fp = match key_of(rule, req) {
-                KeyOutcome::Key(fp) => fp,
+            let (fp, values) = match key_of(rule, req) {
+                KeyOutcome::Key(fp, values) => (fp, values),
                 KeyOutcome::Skip => continue,
-                KeyOutcome::Deny => return Verdict::DeniedMissingKey { rule: index },
+                KeyOutcome::Deny => return Check::Done(Verdict::DeniedMissingKey { rule: index }),
             };
-            let Ok(adm) = rule.table.admit(store, &rule.gcra, fp, now) else {
-                return Verdict::FailedOpen { rule: index };
+            if let Some(local) = &rule.local {
+                let local_verdict = local_check(index, rule, local, store, fp, now);
+                if rule.global.is_none() || !matches!(local_verdict, Verdict::Allowed { .. }) {
+                    return Check::Done(local_verdict);
+                }
+            }
+            let Some(global) = &rule.global else {
+                return Check::Done(Verdict::NoRule);
             };
-            let (decision, overflowed) = (adm.decision, adm.overflowed);
-            return if decision.allowed {
-                Verdict::Allowed {
-                    rule: index,
-                    decision,
-                    overflowed,
-                }
-            } else if rule.shadow {
-                Verdict::ShadowLimited {
-                    rule: index,
-                    decision,
-                    overflowed,
-                }
-            } else {
-                Verdict::Limited {
-                    rule: index,
-                    decision,
-                    overflowed,
-                }
-            };
+            if let Some(status) = global::remembered(global, store, fp, now) {
+                return Check::Done(over_global(index, rule, status, true));
+            }
+            return Check::Ask(GlobalCall {
+                rule: index,
+                fp,
+                request: global::request_bytes(&global.domain, &rule.name, &rule.key, &values),
+            });
         }
-        Verdict::NoRule
+        Check::Done(Verdict::NoRule)
+    }
+
+    /// The verdict once the service answered (or failed); an `OVER_LIMIT`
+    /// is remembered for the key until its `duration_until_reset`.
+    pub fn conclude(
+        &self,
+        call: &GlobalCall,
+        outcome: CallOutcome<'_>,
+        store: &dyn SharedStore,
+        now: u64,
+    ) -> Verdict {
+        let index = call.rule;
+        let Some((rule, global)) = self
+            .config
+            .rules
+            .get(index)
+            .and_then(|r| Some((r, r.global.as_ref()?)))
+        else {
+            return Verdict::NoRule;
+        };
+        let answer = match outcome {
+            CallOutcome::Answered(bytes) => global::read_answer(bytes),
+            CallOutcome::Failed => global::Answer::Invalid,
+        };
+        match answer {
+            global::Answer::Ok(status) => Verdict::GlobalAllowed {
+                rule: index,
+                status,
+            },
+            global::Answer::OverLimit(status) => {
+                global::remember(global, store, call.fp, &status, now);
+                over_global(index, rule, status, false)
+            }
+            global::Answer::Invalid => match global.failure_mode {
+                FailureMode::Allow => Verdict::GlobalFailedOpen { rule: index },
+                FailureMode::Deny => Verdict::GlobalFailureDenied { rule: index },
+            },
+        }
+    }
+
+    /// The local answer for a verdict that [`Verdict::rejects`].
+    pub fn response(&self, verdict: &Verdict) -> &LocalResponse {
+        if let Verdict::GlobalFailureDenied { rule } = *verdict {
+            if let Some(global) = self.config.rules.get(rule).and_then(|r| r.global.as_ref()) {
+                return &global.failure_response;
+            }
+        }
+        &self.config.response
     }
 
     /// Headers for the answer: on a rejection always (per the style), on an
-    /// allowed answer only if `headers_on_allowed`.
+    /// allowed answer only if `headers_on_allowed`. A global verdict takes its
+    /// numbers from the service's `DescriptorStatus`.
     pub fn headers(&self, verdict: &Verdict) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        let (rule, decision) = match *verdict {
+        let (rule, rejected, numbers) = match *verdict {
             Verdict::Limited { rule, decision, .. } => {
-                out.push((
-                    "retry-after",
-                    secs_ceil(decision.retry_after).max(1).to_string(),
-                ));
-                (rule, decision)
+                (rule, true, local_numbers(self, rule, decision))
             }
             Verdict::Allowed { rule, decision, .. }
             | Verdict::ShadowLimited { rule, decision, .. }
                 if self.config.headers_on_allowed =>
             {
-                (rule, decision)
+                (rule, false, local_numbers(self, rule, decision))
+            }
+            Verdict::GlobalLimited { rule, status, .. } => (rule, true, service_numbers(status)),
+            Verdict::GlobalAllowed {
+                rule,
+                status: Some(status),
+            }
+            | Verdict::GlobalShadowLimited { rule, status }
+                if self.config.headers_on_allowed =>
+            {
+                (rule, false, service_numbers(status))
             }
             _ => return out,
         };
         let Some(rule) = self.config.rules.get(rule) else {
             return out;
         };
-        let reset = secs_ceil(decision.reset_after);
+        let Some(n) = numbers else {
+            return out;
+        };
+        if rejected {
+            out.push(("retry-after", secs_ceil(n.retry_after).max(1).to_string()));
+        }
+        let reset = secs_ceil(n.reset_after);
         match self.config.headers {
             HeaderStyle::Draft => {
-                let window =
-                    secs_ceil(u64::try_from(rule.limit.per.as_nanos()).unwrap_or(u64::MAX)).max(1);
-                out.push((
-                    "ratelimit-policy",
-                    format!("\"{}\";q={};w={}", rule.name, rule.limit.requests, window),
-                ));
+                if n.limit > 0 {
+                    out.push((
+                        "ratelimit-policy",
+                        format!("\"{}\";q={};w={}", rule.name, n.limit, n.window_secs.max(1)),
+                    ));
+                }
                 out.push((
                     "ratelimit",
-                    format!("\"{}\";r={};t={}", rule.name, decision.remaining, reset),
+                    format!("\"{}\";r={};t={}", rule.name, n.remaining, reset),
                 ));
             }
             HeaderStyle::XRateLimit => {
-                out.push(("x-ratelimit-limit", rule.limit.requests.to_string()));
-                out.push(("x-ratelimit-remaining", decision.remaining.to_string()));
+                if n.limit > 0 {
+                    out.push(("x-ratelimit-limit", n.limit.to_string()));
+                }
+                out.push(("x-ratelimit-remaining", n.remaining.to_string()));
                 out.push(("x-ratelimit-reset", reset.to_string()));
             }
             HeaderStyle::None => {}
@@ -196,20 +319,104 @@ impl RateLimiter {
     }
 }
 
+/// The numbers the rate-limit headers show.
+struct HeaderNumbers {
+    /// Requests per window (0: unknown, no policy header).
+    limit: u64,
+    window_secs: u64,
+    remaining: u64,
+    /// Nanoseconds until the limit is full again / the window resets.
+    reset_after: u64,
+    /// Nanoseconds until a retry can succeed.
+    retry_after: u64,
+}
+
+fn local_numbers(limiter: &RateLimiter, rule: usize, d: Decision) -> Option<HeaderNumbers> {
+    let local = limiter.config.rules.get(rule)?.local.as_ref()?;
+    Some(HeaderNumbers {
+        limit: local.limit.requests,
+        window_secs: secs_ceil(u64::try_from(local.limit.per.as_nanos()).unwrap_or(u64::MAX)),
+        remaining: d.remaining,
+        reset_after: d.reset_after,
+        retry_after: d.retry_after,
+    })
+}
+
+fn service_numbers(s: ServiceStatus) -> Option<HeaderNumbers> {
+    Some(HeaderNumbers {
+        limit: u64::from(s.limit),
+        window_secs: s.window_secs,
+        remaining: u64::from(s.remaining),
+        reset_after: s.reset_after,
+        retry_after: s.reset_after,
+    })
+}
+
+fn over_global(rule: usize, r: &Rule, status: ServiceStatus, remembered: bool) -> Verdict {
+    if r.shadow {
+        Verdict::GlobalShadowLimited { rule, status }
+    } else {
+        Verdict::GlobalLimited {
+            rule,
+            status,
+            remembered,
+        }
+    }
+}
+
+fn local_check(
+    index: usize,
+    rule: &Rule,
+    local: &LocalLimit,
+    store: &dyn SharedStore,
+    fp: u64,
+    now: u64,
+) -> Verdict {
+    let Ok(adm) = local.table.admit(store, &local.gcra, fp, now) else {
+        return Verdict::FailedOpen { rule: index };
+    };
+    let (decision, overflowed) = (adm.decision, adm.overflowed);
+    if decision.allowed {
+        Verdict::Allowed {
+            rule: index,
+            decision,
+            overflowed,
+        }
+    } else if rule.shadow {
+        Verdict::ShadowLimited {
+            rule: index,
+            decision,
+            overflowed,
+        }
+    } else {
+        Verdict::Limited {
+            rule: index,
+            decision,
+            overflowed,
+        }
+    }
+}
+
 fn key_of(rule: &Rule, req: &mut dyn Request) -> KeyOutcome {
     let mut hasher = KeyHasher::new();
     hasher.part(rule.name.as_bytes());
+    let keep_values = rule.global.is_some();
+    let mut values = Vec::new();
     for part in &rule.key {
-        match part.read(req) {
-            Some(value) => hasher.part(value),
+        let value = match part.read(req) {
+            Some(value) => value,
             None => match &rule.on_missing_key {
                 MissingKey::Skip => return KeyOutcome::Skip,
                 MissingKey::Deny => return KeyOutcome::Deny,
-                MissingKey::Static(fallback) => hasher.part(fallback.as_bytes()),
+                MissingKey::Static(fallback) => fallback.as_bytes(),
             },
+        };
+        hasher.part(value);
+        if keep_values {
+            values.push(value.to_vec());
         }
     }
-    KeyOutcome::Key(hasher.finish())
+    KeyOutcome::Key(hasher.finish(), values)
 }
 
 fn secs_ceil(nanos: u64) -> u64 {
@@ -217,191 +424,4 @@ fn secs_ceil(nanos: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use mesh_shared::request::FakeRequest;
-    use mesh_shared::store::MemoryStore;
-    use mesh_shared::Attribute;
-
-    const NOW: u64 = 1_700_000_000 * 1_000_000_000;
-
-    fn limiter(json: &str) -> (RateLimiter, MemoryStore) {
-        let l = RateLimiter::new(Config::parse(json.as_bytes(), "t").unwrap());
-        let s = MemoryStore::new();
-        l.create_tables(&s);
-        (l, s)
-    }
-
-    fn api_key(k: &str) -> FakeRequest {
-        FakeRequest::new()
-            .with(Attribute::Path, "/api/x")
-            .with_header("x-api-key", k)
-    }
-
-    const KEYED: &str = r#"{"rules": [
-        {"name": "per-key", "match": {"path_prefix": "/api"}, "key": [{"header": "x-api-key"}],
-         "limit": {"requests": 2, "per": "1h"}},
-        {"name": "per-ip", "key": ["client_ip"], "limit": {"requests": 1, "per": "1h"}}
-    ]}"#;
-
-    #[test]
-    fn first_matching_rule_applies_and_keys_are_independent() {
-        let (l, s) = limiter(KEYED);
-        let labels = |k: &str| -> Vec<&str> {
-            (0..3)
-                .map(|_| l.check(&mut api_key(k), &s, NOW).label())
-                .collect()
-        };
-        assert_eq!(labels("a"), ["allowed", "allowed", "limited"]);
-        assert_eq!(labels("b"), ["allowed", "allowed", "limited"]);
-    }
-
-    #[test]
-    fn missing_key_skips_to_the_next_rule() {
-        let (l, s) = limiter(KEYED);
-        let mut req = FakeRequest::new()
-            .with(Attribute::Path, "/api/x")
-            .with(Attribute::ClientIp, "10.0.0.1");
-        assert_eq!(l.check(&mut req.clone(), &s, NOW).rule(), Some(1));
-        assert!(l.check(&mut req, &s, NOW).rejects());
-        // Neither key present: no rule applies.
-        assert_eq!(l.check(&mut FakeRequest::new(), &s, NOW), Verdict::NoRule);
-    }
-
-    #[test]
-    fn missing_key_deny_and_static() {
-        let (l, s) = limiter(
-            r#"{"rules": [{"name": "d", "match": {"path_prefix": "/d"}, "key": [{"header": "k"}], "on_missing_key": "deny", "limit": {"requests": 5, "per": "1s"}},
-                          {"name": "s", "key": [{"header": "k"}], "on_missing_key": {"static": "anon"}, "limit": {"requests": 1, "per": "1h"}}]}"#,
-        );
-        let mut d = FakeRequest::new().with(Attribute::Path, "/d");
-        assert_eq!(
-            l.check(&mut d, &s, NOW),
-            Verdict::DeniedMissingKey { rule: 0 }
-        );
-        let mut anon = FakeRequest::new().with(Attribute::Path, "/x");
-        assert_eq!(l.check(&mut anon.clone(), &s, NOW).label(), "allowed");
-        assert_eq!(
-            l.check(&mut anon, &s, NOW).label(),
-            "limited",
-            "anonymous requests share one bucket"
-        );
-    }
-
-    #[test]
-    fn shadow_counts_but_never_rejects() {
-        let (l, s) = limiter(
-            r#"{"rules": [{"name": "sh", "shadow": true, "limit": {"requests": 1, "per": "1h"}}]}"#,
-        );
-        let v: Vec<Verdict> = (0..3)
-            .map(|_| l.check(&mut FakeRequest::new(), &s, NOW))
-            .collect();
-        assert_eq!(v[0].label(), "allowed");
-        assert_eq!(v[1].label(), "shadow_limited");
-        assert!(!v[1].rejects() && !v[2].rejects());
-    }
-
-    #[test]
-    fn a_rule_scoped_to_a_route_leaves_others_alone() {
-        let (l, s) = limiter(
-            r#"{"rules": [{"name": "r", "match": {"route": "limited"}, "limit": {"requests": 1, "per": "1h"}}]}"#,
-        );
-        let route = |r: &str| FakeRequest::new().with(Attribute::Route, r);
-        for _ in 0..5 {
-            assert_eq!(l.check(&mut route("open"), &s, NOW), Verdict::NoRule);
-        }
-        assert_eq!(l.check(&mut route("limited"), &s, NOW).label(), "allowed");
-        assert_eq!(l.check(&mut route("limited"), &s, NOW).label(), "limited");
-    }
-
-    #[test]
-    fn headers_in_each_style() {
-        let (l, s) = limiter(
-            r#"{"headers_on_allowed": true, "rules": [{"name": "h", "limit": {"requests": 10, "per": "1m", "burst": 2}}]}"#,
-        );
-        let ok = l.check(&mut FakeRequest::new(), &s, NOW);
-        assert_eq!(
-            l.headers(&ok),
-            vec![
-                ("ratelimit-policy", "\"h\";q=10;w=60".to_string()),
-                ("ratelimit", "\"h\";r=1;t=6".to_string())
-            ]
-        );
-        l.check(&mut FakeRequest::new(), &s, NOW);
-        let limited = l.check(&mut FakeRequest::new(), &s, NOW);
-        assert_eq!(
-            l.headers(&limited),
-            vec![
-                ("retry-after", "6".to_string()),
-                ("ratelimit-policy", "\"h\";q=10;w=60".to_string()),
-                ("ratelimit", "\"h\";r=0;t=12".to_string())
-            ]
-        );
-
-        let (x, s) = limiter(
-            r#"{"headers": "x-ratelimit", "rules": [{"name": "h", "limit": {"requests": 1, "per": "1m"}}]}"#,
-        );
-        let ok = x.check(&mut FakeRequest::new(), &s, NOW);
-        assert!(
-            x.headers(&ok).is_empty(),
-            "allowed answers carry headers only when asked"
-        );
-        let limited = x.check(&mut FakeRequest::new(), &s, NOW);
-        assert_eq!(
-            x.headers(&limited),
-            vec![
-                ("retry-after", "60".to_string()),
-                ("x-ratelimit-limit", "1".to_string()),
-                ("x-ratelimit-remaining", "0".to_string()),
-                ("x-ratelimit-reset", "60".to_string())
-            ]
-        );
-    }
-
-    #[test]
-    fn route_metadata_selects_a_rule_or_disables_the_filter() {
-        let (l, s) = limiter(
-            r#"{"route_metadata": true, "rules": [
-                {"name": "strict", "limit": {"requests": 1, "per": "1h"}},
-                {"name": "gold", "limit": {"requests": 3, "per": "1h"}}]}"#,
-        );
-        let with = |md: Vec<u8>| {
-            let mut r = FakeRequest::new();
-            r.route_metadata.push(("ratelimit".into(), md));
-            r
-        };
-        let gold = mesh_shared::route_metadata::tests_encode(&[("rule", b"gold")]);
-        let labels: Vec<&str> = (0..4)
-            .map(|_| l.check(&mut with(gold.clone()), &s, NOW).label())
-            .collect();
-        assert_eq!(labels, ["allowed", "allowed", "allowed", "limited"]);
-        let off = mesh_shared::route_metadata::tests_encode(&[("disabled", &[1])]);
-        assert_eq!(l.check(&mut with(off), &s, NOW), Verdict::NoRule);
-        // No metadata: the first matching rule, as usual.
-        assert_eq!(l.check(&mut FakeRequest::new(), &s, NOW).rule(), Some(0));
-        // Without route_metadata the filter never reads it.
-        let (plain, s2) =
-            limiter(r#"{"rules": [{"name": "strict", "limit": {"requests": 1, "per": "1h"}}]}"#);
-        let mut req = with(mesh_shared::route_metadata::tests_encode(&[(
-            "disabled",
-            &[1],
-        )]));
-        assert_eq!(plain.check(&mut req, &s2, NOW).rule(), Some(0));
-        assert_eq!(req.lookups, 0);
-    }
-
-    #[test]
-    fn only_what_a_rule_needs_is_fetched() {
-        let (l, s) = limiter(
-            r#"{"rules": [{"name": "r", "match": {"route": "a"}, "key": [{"header": "x"}], "limit": {"requests": 1, "per": "1s"}}]}"#,
-        );
-        let mut req = FakeRequest::new()
-            .with(Attribute::Route, "b")
-            .with_header("x", "1");
-        l.check(&mut req, &s, NOW);
-        assert_eq!(
-            req.lookups, 1,
-            "the key must not be read when the match fails"
-        );
-    }
-}
+mod tests;

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use mesh_shared::matcher::MatchSpec;
 use mesh_shared::request::SourceSpec;
-use mesh_shared::spec::{Duration, Integer, LocalResponseSpec, Name};
+use mesh_shared::spec::{Duration, Integer, LocalResponseSpec, Name, NonEmpty};
 
 use crate::config::MAX_MAX_KEYS;
 
@@ -38,7 +38,10 @@ pub struct RuleSpec {
     pub matcher: Option<MatchSpec>,
     /// Parts of the key; none: one bucket for the rule.
     pub key: Option<Vec<SourceSpec>>,
-    pub limit: LimitSpec,
+    /// The limit in this Envoy; with `global`, the local pre-check.
+    pub limit: Option<LimitSpec>,
+    /// Share the limit among every Envoy through an RLS v3 service.
+    pub global: Option<GlobalSpec>,
     /// When a key part is missing: `skip` the rule (default), `deny`, or `{"static": value}`.
     pub on_missing_key: Option<MissingKeySpec>,
     /// Count but never reject.
@@ -75,4 +78,29 @@ pub enum HeaderStyleSpec {
     XRateLimit,
     #[serde(rename = "none")]
     None,
+}
+
+/// A rule's `global` block (docs/ratelimit.md "Global rate limiting").
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GlobalSpec {
+    /// The Envoy cluster (HTTP/2) of the RLS server.
+    pub service: NonEmpty,
+    /// The RLS domain.
+    pub domain: Name,
+    /// How long a call may take, 1ms to 10s (default 20ms).
+    pub timeout: Option<Duration>,
+    /// When the call fails: `allow` (default) or `deny`.
+    pub failure_mode: Option<FailureModeSpec>,
+    /// The `deny` answer (default 503 `rate limit service unavailable`).
+    pub failure_response: Option<LocalResponseSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FailureModeSpec {
+    Allow,
+    Deny,
 }

@@ -22,6 +22,7 @@ use crate::gcra::{Decision, Gcra};
 /// Slots per shared-data entry: 16 × 16 bytes = 256 bytes copied per request.
 pub const SLOTS_PER_SHARD: u64 = 16;
 const SLOT_BYTES: usize = 16;
+const REMEMBERED_SLOT_BYTES: usize = 24;
 /// CAS attempts before giving up on one request (then the filter fails open,
 /// counted as `failed_open`). A conflict means another worker just wrote, so
 /// attempts succeed quickly; the budget is large because giving up breaks
@@ -35,6 +36,8 @@ pub struct KeyTable {
     prefix: String,
     max_keys: u64,
     shards: u64,
+    /// 16 for GCRA buckets; 24 for remembered answers (8 bytes of payload).
+    slot_bytes: usize,
 }
 
 /// What the table decided for one request.
@@ -55,6 +58,17 @@ impl KeyTable {
             prefix,
             max_keys,
             shards: max_keys.div_ceil(SLOTS_PER_SHARD),
+            slot_bytes: SLOT_BYTES,
+        }
+    }
+
+    /// A table of remembered answers: `(fingerprint, until, 8 bytes)` per
+    /// slot, a slot free once `until` has passed. No overflow bucket: a key
+    /// that finds its shard full is simply not remembered (it asks again).
+    pub fn remembered(prefix: String, max_keys: u64) -> KeyTable {
+        KeyTable {
+            slot_bytes: REMEMBERED_SLOT_BYTES,
+            ..KeyTable::new(prefix, max_keys)
         }
     }
 
@@ -85,10 +99,70 @@ impl KeyTable {
             ensure(
                 store,
                 &self.shard_key(shard),
-                &vec![0; self.capacity(shard) * SLOT_BYTES],
+                &vec![0; self.capacity(shard) * self.slot_bytes],
             );
         }
-        ensure(store, &self.overflow_key(), &[0; SLOT_BYTES]);
+        if self.slot_bytes == SLOT_BYTES {
+            ensure(store, &self.overflow_key(), &[0; SLOT_BYTES]);
+        }
+    }
+
+    /// Remembers `extra` for key `fp` until `until` (the later of this and
+    /// what is already there wins). A full shard: not remembered.
+    pub fn remember(&self, store: &dyn SharedStore, fp: u64, until: u64, extra: [u8; 8], now: u64) {
+        if self.slot_bytes != REMEMBERED_SLOT_BYTES {
+            return;
+        }
+        let fp = fp.max(1);
+        let shard = fp % self.shards;
+        let size = self.capacity(shard) * self.slot_bytes;
+        let width = self.slot_bytes;
+        // Giving up after the attempt budget only costs a later call.
+        let _ = update(store, &self.shard_key(shard), MAX_ATTEMPTS, |bytes| {
+            let mut shard = match bytes {
+                Some(b) if b.len() == size => b.to_vec(),
+                _ => vec![0; size],
+            };
+            let mut own = None;
+            let mut free = None;
+            for (i, (slot_fp, slot_until)) in slots(&shard, width).enumerate() {
+                if slot_fp == fp {
+                    own = Some((i, slot_until));
+                    break;
+                }
+                if free.is_none() && (slot_fp == 0 || slot_until <= now) {
+                    free = Some(i);
+                }
+            }
+            let index = match (own, free) {
+                (Some((_, old)), _) if old >= until => return Step::Keep(()),
+                (Some((i, _)), _) | (None, Some(i)) => i,
+                (None, None) => return Step::Keep(()),
+            };
+            let offset = index * width;
+            if let Some(slot) = shard.get_mut(offset..offset + REMEMBERED_SLOT_BYTES) {
+                let (head, payload) = slot.split_at_mut(16);
+                let (slot_fp, slot_until) = head.split_at_mut(8);
+                slot_fp.copy_from_slice(&fp.to_le_bytes());
+                slot_until.copy_from_slice(&until.to_le_bytes());
+                payload.copy_from_slice(&extra);
+            }
+            Step::Write(shard, ())
+        });
+    }
+
+    /// What was remembered for `fp`, if still in force at `now`: `(until, extra)`.
+    pub fn recall(&self, store: &dyn SharedStore, fp: u64, now: u64) -> Option<(u64, [u8; 8])> {
+        let fp = fp.max(1);
+        let (bytes, _) = store.get(&self.shard_key(fp % self.shards))?;
+        bytes
+            .chunks_exact(self.slot_bytes)
+            .find(|c| c.get(..8) == Some(&fp.to_le_bytes()[..]))
+            .and_then(|c| {
+                let until = u64::from_le_bytes(c.get(8..16)?.try_into().ok()?);
+                let extra: [u8; 8] = c.get(16..24)?.try_into().ok()?;
+                (until > now).then_some((until, extra))
+            })
     }
 
     /// Admits or limits one request of the key with fingerprint `fp`.
@@ -136,7 +210,7 @@ impl KeyTable {
         (0..self.shards)
             .filter_map(|s| store.get(&self.shard_key(s)))
             .map(|(bytes, _)| {
-                slots(&bytes)
+                slots(&bytes, self.slot_bytes)
                     .filter(|(fp, tat)| *fp != 0 && *tat > now)
                     .count() as u64
             })
@@ -147,18 +221,20 @@ impl KeyTable {
     pub fn stored_slots(&self, store: &dyn SharedStore) -> u64 {
         (0..self.shards)
             .filter_map(|s| store.get(&self.shard_key(s)))
-            .map(|(bytes, _)| (bytes.len() / SLOT_BYTES) as u64)
+            .map(|(bytes, _)| (bytes.len() / self.slot_bytes) as u64)
             .sum()
     }
 }
 
-fn slots(bytes: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    bytes.chunks_exact(SLOT_BYTES).map(|c| {
-        let (fp, tat) = c.split_at(8);
-        (
-            u64::from_le_bytes(fp.try_into().unwrap_or_default()),
-            u64::from_le_bytes(tat.try_into().unwrap_or_default()),
-        )
+/// `(fingerprint, time)` of each slot `width` bytes wide.
+fn slots(bytes: &[u8], width: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
+    bytes.chunks_exact(width).map(|c| {
+        let word = |r: std::ops::Range<usize>| {
+            c.get(r)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        (word(0..8), word(8..16))
     })
 }
 
@@ -178,7 +254,7 @@ fn decide_in_shard(
     };
     let mut own = None;
     let mut free = None;
-    for (i, (slot_fp, tat)) in slots(&shard).enumerate() {
+    for (i, (slot_fp, tat)) in slots(&shard, SLOT_BYTES).enumerate() {
         if slot_fp == fp {
             own = Some((i, tat));
             break;

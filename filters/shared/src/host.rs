@@ -322,3 +322,79 @@ pub fn send_local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
 pub fn clear_route_cache() {
     let _ = hostcalls::call_foreign_function("clear_route_cache", None);
 }
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_buffer_bytes(
+        buffer_type: i32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> Status;
+    fn proxy_continue_stream(stream_type: i32) -> Status;
+    fn proxy_get_status(
+        return_code: *mut u32,
+        return_message_data: *mut *mut u8,
+        return_message_size: *mut usize,
+    ) -> Status;
+}
+
+const GRPC_RECEIVE_BUFFER: i32 = 5;
+const HTTP_REQUEST_STREAM: i32 = 0;
+
+/// Starts a unary gRPC call; its answer comes to the calling context's
+/// `on_grpc_call_response`. `service` is a serialized
+/// `envoy.config.core.v3.GrpcService`. This goes through the SDK (it must
+/// register the token to route the answer back); the SDK panics on statuses
+/// other than Ok, ParseFailure and InternalFailure, which Envoy gives for a
+/// serialized `GrpcService` (a missing cluster is InternalFailure).
+pub fn grpc_call(
+    service: &[u8],
+    service_name: &str,
+    method: &str,
+    message: &[u8],
+    timeout: std::time::Duration,
+) -> Result<u32, Status> {
+    // The SDK takes the "upstream" as &str and passes its bytes through
+    // unchanged. The message is valid UTF-8 for an ASCII cluster name shorter
+    // than 128 bytes (all its length bytes are then below 0x80).
+    let upstream = std::str::from_utf8(service).map_err(|_| Status::ParseFailure)?;
+    hostcalls::dispatch_grpc_call(
+        upstream,
+        service_name,
+        method,
+        Vec::new(),
+        Some(message),
+        timeout,
+    )
+}
+
+/// The body of a gRPC answer, in `on_grpc_call_response`.
+pub fn grpc_response_body(size: usize) -> Option<Vec<u8>> {
+    let mut data = null_mut();
+    let mut len = 0;
+    // SAFETY: as in `property`.
+    match unsafe { proxy_get_buffer_bytes(GRPC_RECEIVE_BUFFER, 0, size, &mut data, &mut len) } {
+        Status::Ok => Some(owned(data, len)),
+        _ => None,
+    }
+}
+
+/// The status message of a failed gRPC call, in `on_grpc_call_response`.
+pub fn grpc_status_message() -> String {
+    let mut code = 0;
+    let mut data = null_mut();
+    let mut len = 0;
+    // SAFETY: as in `property`.
+    match unsafe { proxy_get_status(&mut code, &mut data, &mut len) } {
+        Status::Ok => String::from_utf8_lossy(&owned(data, len)).into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Lets a paused request go on (after an asynchronous decision).
+pub fn resume_request() {
+    // SAFETY: no pointers.
+    let _ = unsafe { proxy_continue_stream(HTTP_REQUEST_STREAM) };
+}

@@ -1,0 +1,523 @@
+//! ratelimit's global mode in real Envoys (2 workers each) sharing one
+//! envoyproxy/ratelimit service on one Redis, all on loopback.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mesh_testkit::envoy::assert_config_refused;
+use mesh_testkit::http::{self, Client};
+use mesh_testkit::rls::{RateLimitService, Redis};
+use mesh_testkit::{concurrent_gets, Bootstrap, Envoy, Upstream, WasmFilter};
+
+/// Redis, the service with `service_config`, and `envoys` Envoys whose
+/// ratelimit filter has `filter_config` (cluster `rls` is the service).
+struct World {
+    redis: Redis,
+    rls: RateLimitService,
+    envoys: Vec<Envoy>,
+    upstream: Upstream,
+}
+
+fn world(service_config: &str, filter_config: &str, envoys: usize) -> World {
+    let redis = Redis::start();
+    let rls = RateLimitService::start(redis.port(), service_config);
+    let upstream = Upstream::start("backend");
+    let envoys = (0..envoys)
+        .map(|_| envoy(filter_config, &upstream, rls.grpc_port()))
+        .collect();
+    World {
+        redis,
+        rls,
+        envoys,
+        upstream,
+    }
+}
+
+fn envoy(filter_config: &str, upstream: &Upstream, rls_port: u16) -> Envoy {
+    Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new("ratelimit", filter_config))
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port())
+            .grpc_cluster("rls", rls_port)
+            .yaml(),
+    )
+}
+
+/// envoyproxy/ratelimit's configuration: one limit per `(rule, key header)`.
+fn service_config(limits: &[(&str, &str, u32, &str)]) -> String {
+    let mut yaml = String::from("domain: mesh\ndescriptors:\n");
+    for (rule, header, requests, unit) in limits {
+        yaml.push_str(&format!(
+            "  - key: rule\n    value: {rule}\n    descriptors:\n      - key: {header}\n        rate_limit: {{unit: {unit}, requests_per_unit: {requests}}}\n"
+        ));
+    }
+    yaml
+}
+
+fn decision(envoy: &Envoy, rule: &str, decision: &str) -> f64 {
+    envoy
+        .metric(
+            "mesh_ratelimit_requests_total",
+            &[("rule", rule), ("decision", decision)],
+        )
+        .unwrap_or(0.0)
+}
+
+fn calls(envoy: &Envoy, rule: &str, outcome: &str) -> f64 {
+    envoy
+        .metric(
+            "mesh_ratelimit_global_calls_total",
+            &[("rule", rule), ("outcome", outcome)],
+        )
+        .unwrap_or(0.0)
+}
+
+/// Waits, if needed, so that at least `margin` remains of the current fixed
+/// window of `unit_secs` (the service's windows are aligned to the epoch).
+fn away_from_window_end(unit_secs: u64, margin: Duration) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let into =
+        Duration::from_nanos((now.as_nanos() % (u128::from(unit_secs) * 1_000_000_000)) as u64);
+    let left = Duration::from_secs(unit_secs) - into;
+    if left < margin {
+        eprintln!("waiting {left:?} for the next window");
+        std::thread::sleep(left + Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_limit_shared_by_three_envoys_is_exact() {
+    const N: usize = 30;
+    let w = world(
+        &service_config(&[("per-user", "x-user", N as u32, "hour")]),
+        r#"{"rules": [{"name": "per-user", "key": [{"header": "x-user"}],
+            "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
+        3,
+    );
+    away_from_window_end(3600, Duration::from_secs(30));
+    // 4N requests for one user, spread over the three Envoys at once (4
+    // connections each, so both workers of each take some).
+    let threads: Vec<_> = w
+        .envoys
+        .iter()
+        .map(|e| {
+            let port = e.port();
+            std::thread::spawn(move || {
+                concurrent_gets(port, "/", &[("x-user", "alice")], 4, 4 * N / 3 + 1)
+            })
+        })
+        .collect();
+    let responses: Vec<http::Response> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .map(|r| r.unwrap())
+        .collect();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&http::Response> = responses.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok, N, "exactly N answered 200 over all three Envoys");
+    assert_eq!(ok + limited.len(), responses.len());
+    assert_eq!(w.upstream.requests(), N as u64);
+    for r in &limited {
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some("\"per-user\";q=30;w=3600")
+        );
+        let rl = r.header("ratelimit").unwrap();
+        assert!(rl.starts_with("\"per-user\";r=0;t="), "{rl}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=3600).contains(&retry), "retry-after {retry}");
+        assert_eq!(r.body_text(), "rate limited\n");
+    }
+    let allowed: f64 = w
+        .envoys
+        .iter()
+        .map(|e| decision(e, "per-user", "allowed"))
+        .sum();
+    let rejected: f64 = w
+        .envoys
+        .iter()
+        .map(|e| decision(e, "per-user", "global_limited"))
+        .sum();
+    assert_eq!(allowed, N as f64);
+    assert_eq!(rejected, limited.len() as f64);
+    for e in &w.envoys {
+        let asked = calls(e, "per-user", "ok") + calls(e, "per-user", "over_limit");
+        assert!(asked > 0.0, "every Envoy asked the service");
+    }
+}
+
+#[test]
+fn the_local_pre_check_rejects_without_a_call() {
+    let mut w = world(
+        &service_config(&[("per-user", "x-user", 100, "hour")]),
+        r#"{"rules": [{"name": "per-user", "key": [{"header": "x-user"}],
+            "limit": {"requests": 5, "per": "1h"},
+            "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
+        1,
+    );
+    away_from_window_end(3600, Duration::from_secs(30));
+    let before = w.redis.calls("incrby");
+    let responses = concurrent_gets(w.envoys[0].port(), "/", &[("x-user", "bob")], 4, 20);
+    let ok = responses
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    assert_eq!(ok, 5, "the local limit (5) is below the global one (100)");
+    let e = &w.envoys[0];
+    assert_eq!(
+        calls(e, "per-user", "ok"),
+        5.0,
+        "one call per request under the local limit"
+    );
+    assert_eq!(
+        decision(e, "per-user", "limited"),
+        15.0,
+        "the rest rejected locally"
+    );
+    assert_eq!(
+        w.redis.calls("incrby") - before,
+        5,
+        "the service counted in Redis only the 5 requests that were asked"
+    );
+    w.envoys.clear();
+}
+
+#[test]
+fn an_over_limit_answer_is_remembered_until_the_window_resets() {
+    let w = world(
+        &service_config(&[
+            ("per-user", "x-user", 3, "minute"),
+            ("per-second", "x-user", 2, "second"),
+        ]),
+        r#"{"rules": [
+            {"name": "per-second", "match": {"path_prefix": "/second"}, "key": [{"header": "x-user"}],
+             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}},
+            {"name": "per-user", "key": [{"header": "x-user"}],
+             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
+        3,
+    );
+    away_from_window_end(60, Duration::from_secs(20));
+    let user = [("x-user", "carol")];
+    let mut first = Client::new(w.envoys[0].port());
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| first.get("/", &user).unwrap().status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let redis_before = w.redis.calls("incrby");
+    for (i, e) in w.envoys.iter().enumerate() {
+        let asked = || calls(e, "per-user", "ok") + calls(e, "per-user", "over_limit");
+        let before = asked();
+        let mut c = Client::new(e.port());
+        for _ in 0..100 {
+            assert_eq!(c.get("/", &user).unwrap().status, 429);
+        }
+        let made = asked() - before;
+        eprintln!("envoy {i}: {made} call(s) for 100 requests over the limit");
+        assert!(made <= 1.0, "envoy {i} made {made} calls");
+    }
+    let redis_calls = w.redis.calls("incrby") - redis_before;
+    assert!(redis_calls <= 2, "{redis_calls} INCRBYs for 300 requests");
+    // Another user is not affected.
+    assert_eq!(first.get("/", &[("x-user", "dave")]).unwrap().status, 200);
+
+    // A window of one second: remembered while it lasts, asked again after.
+    away_from_window_end(1, Duration::from_millis(500));
+    let mut c = Client::new(w.envoys[1].port());
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| c.get("/second", &user).unwrap().status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let e = &w.envoys[1];
+    let asked = || calls(e, "per-second", "ok") + calls(e, "per-second", "over_limit");
+    let before = asked();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(c.get("/second", &user).unwrap().status, 200, "a new window");
+    assert_eq!(
+        asked() - before,
+        1.0,
+        "after the reset the service is asked again"
+    );
+}
+
+const FAILURE_RULES: &str = r#"{"rules": [
+    {"name": "open", "match": {"path_prefix": "/allow"}, "key": [{"header": "x-user"}],
+     "global": {"service": "rls", "domain": "mesh", "timeout": "100ms", "failure_mode": "allow"}},
+    {"name": "closed", "match": {"path_prefix": "/deny"}, "key": [{"header": "x-user"}],
+     "global": {"service": "rls", "domain": "mesh", "timeout": "100ms", "failure_mode": "deny"}}]}"#;
+
+/// Sends one request on a fresh connection; its status, body and duration.
+fn timed(port: u16, path: &str) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let r = http::get(port, path, &[("x-user", "erin")]).unwrap();
+    (r.status, r.body_text(), started.elapsed())
+}
+
+/// With the service unusable: `allow` lets requests through, `deny` answers
+/// 503, each within the timeout plus a margin; returns the slowest answer.
+fn both_failure_modes(w: &World, case: &str) -> Duration {
+    let e = &w.envoys[0];
+    let (open_before, denied_before) = (
+        decision(e, "open", "failed_open"),
+        decision(e, "closed", "failure_denied"),
+    );
+    let mut slowest = Duration::ZERO;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let (status, _, took) = timed(e.port(), "/allow");
+        assert_eq!(status, 200, "{case}: failure_mode allow");
+        let (status, body, took2) = timed(e.port(), "/deny");
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "rate limit service unavailable\n"),
+            "{case}: failure_mode deny"
+        );
+        times.push(took.max(took2));
+        slowest = slowest.max(took).max(took2);
+    }
+    eprintln!("{case}: answers took {times:?}");
+    // Timeout 100 ms; a generous bound for a loaded 2-core machine.
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "{case}: slowest answer {slowest:?}"
+    );
+    assert_eq!(
+        decision(e, "open", "failed_open") - open_before,
+        5.0,
+        "{case}"
+    );
+    assert_eq!(
+        decision(e, "closed", "failure_denied") - denied_before,
+        5.0,
+        "{case}"
+    );
+    slowest
+}
+
+fn both_recovered(w: &World, case: &str) {
+    let e = &w.envoys[0];
+    // The first call after a restart may still find the old connection gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (allow, _, _) = timed(e.port(), "/allow");
+        let (deny, _, _) = timed(e.port(), "/deny");
+        let ok_before = calls(e, "closed", "ok");
+        if allow == 200 && deny == 200 && ok_before > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{case}: not recovered ({allow}, {deny})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn failures_follow_the_failure_mode_and_the_filter_recovers() {
+    let mut w = world(
+        &service_config(&[
+            ("open", "x-user", 1000, "hour"),
+            ("closed", "x-user", 1000, "hour"),
+        ]),
+        FAILURE_RULES,
+        1,
+    );
+    both_recovered(&w, "at start");
+    let e = &w.envoys[0];
+    let calls_ok = calls(e, "closed", "ok");
+    assert!(calls_ok >= 1.0);
+
+    w.rls.stop();
+    let stopped = both_failure_modes(&w, "service stopped");
+    assert!(calls(&w.envoys[0], "closed", "unavailable") >= 5.0);
+    w.rls.restart();
+    both_recovered(&w, "service restarted");
+
+    w.rls.pause();
+    let slow = both_failure_modes(&w, "service not answering (SIGSTOP)");
+    let outcomes: Vec<(&str, f64)> = [
+        "ok",
+        "timeout",
+        "unavailable",
+        "error",
+        "invalid",
+        "not_started",
+    ]
+    .into_iter()
+    .map(|o| (o, calls(&w.envoys[0], "closed", o)))
+    .collect();
+    eprintln!("calls of rule closed by outcome: {outcomes:?}");
+    assert!(calls(&w.envoys[0], "closed", "timeout") >= 5.0);
+    assert!(
+        slow >= Duration::from_millis(100),
+        "a timeout takes the timeout: {slow:?}"
+    );
+    // A client that goes away while its call is in flight: nothing breaks.
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", w.envoys[0].port())).unwrap();
+        use std::io::Write;
+        s.write_all(b"GET /allow HTTP/1.1\r\nhost: x\r\nx-user: gone\r\n\r\n")
+            .unwrap();
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    w.rls.resume();
+    both_recovered(&w, "service resumed");
+
+    w.redis.stop();
+    let failed = |e: &Envoy| -> Vec<f64> {
+        ["error", "unavailable", "timeout", "invalid"]
+            .iter()
+            .map(|o| calls(e, "closed", o))
+            .collect()
+    };
+    let before = failed(&w.envoys[0]);
+    let redis_down = both_failure_modes(&w, "redis stopped");
+    let after = failed(&w.envoys[0]);
+    let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    // envoyproxy/ratelimit answers an error status when Redis is gone (seen
+    // as "error"; while it reconnects, as another failure).
+    eprintln!("redis stopped: error, unavailable, timeout, invalid calls: {delta:?}");
+    assert_eq!(delta.iter().sum::<f64>(), 5.0);
+    w.redis.restart();
+    both_recovered(&w, "redis restarted");
+
+    eprintln!("slowest answers: service stopped {stopped:?}, not answering {slow:?}, redis stopped {redis_down:?}");
+    let log = w.envoys[0].log();
+    assert!(!log.contains("panic"), "no panic in the VM:\n{log}");
+    let warnings = log.matches("rate limit service call failed").count();
+    // Logged once per outage and worker (a success re-arms it), not per request.
+    assert!((1..=12).contains(&warnings), "{warnings} failure lines");
+}
+
+#[test]
+fn a_cluster_that_does_not_exist_applies_the_failure_mode() {
+    let upstream = Upstream::start("backend");
+    let config = FAILURE_RULES.replace("\"rls\"", "\"no-such-cluster\"");
+    let e = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new("ratelimit", &config))
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port())
+            .yaml(),
+    );
+    for _ in 0..10 {
+        assert_eq!(timed(e.port(), "/allow").0, 200);
+        assert_eq!(timed(e.port(), "/deny").0, 503);
+    }
+    let log = e.log();
+    assert!(!log.contains("panic"), "{log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("rate limit service call failed"))
+        .collect();
+    eprintln!("{}", lines.join("\n"));
+    assert!(
+        (1..=4).contains(&lines.len()),
+        "once per rule and worker, not per request: {lines:#?}"
+    );
+}
+
+#[test]
+fn other_keys_and_rules_are_unaffected_and_shadow_never_rejects() {
+    let w = world(
+        &service_config(&[
+            ("per-user", "x-user", 2, "hour"),
+            ("trial", "x-user", 2, "hour"),
+        ]),
+        r#"{"rules": [
+            {"name": "trial", "match": {"path_prefix": "/trial"}, "key": [{"header": "x-user"}], "shadow": true,
+             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}},
+            {"name": "local-only", "match": {"path_prefix": "/local"}, "limit": {"requests": 1000, "per": "1h"}},
+            {"name": "per-user", "key": [{"header": "x-user"}],
+             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
+        1,
+    );
+    away_from_window_end(3600, Duration::from_secs(30));
+    let mut c = Client::new(w.envoys[0].port());
+    let get =
+        |c: &mut Client, path: &str, user: &str| c.get(path, &[("x-user", user)]).unwrap().status;
+    let frank: Vec<u16> = (0..4).map(|_| get(&mut c, "/", "frank")).collect();
+    assert_eq!(frank, [200, 200, 429, 429]);
+    assert_eq!(get(&mut c, "/", "grace"), 200, "another key");
+    assert_eq!(get(&mut c, "/local", "frank"), 200, "another rule");
+    let trial: Vec<u16> = (0..10).map(|_| get(&mut c, "/trial", "frank")).collect();
+    assert_eq!(trial, [200; 10], "shadow never rejects");
+    let e = &w.envoys[0];
+    assert_eq!(decision(e, "trial", "allowed"), 2.0);
+    assert_eq!(decision(e, "trial", "shadow_limited"), 8.0);
+    assert_eq!(decision(e, "trial", "global_limited"), 0.0);
+}
+
+#[test]
+fn bad_global_blocks_are_refused_with_the_json_path() {
+    let rule = |global: &str| {
+        format!(r#"{{"rules": [{{"name": "a", "key": [{{"header": "x"}}], "global": {global}}}]}}"#)
+    };
+    let cases = [
+        (
+            rule(r#"{"domain": "mesh"}"#),
+            "ratelimit: rules[0].global: missing field `service`",
+        ),
+        (
+            rule(r#"{"service": "rls", "domain": "my domain"}"#),
+            r#"ratelimit: rules[0].global.domain: "my domain": use 1 to 64 letters, digits, '-', '_', '.', ':'"#,
+        ),
+        (
+            rule(r#"{"service": "rls", "domain": "mesh", "timeout": "0s"}"#),
+            "ratelimit: rules[0].global.timeout: must be from 1ms to 10s",
+        ),
+        (
+            rule(r#"{"service": "rls", "domain": "mesh", "timeout": "1m"}"#),
+            "ratelimit: rules[0].global.timeout: must be from 1ms to 10s",
+        ),
+        (
+            rule(r#"{"service": "rls", "domain": "mesh", "failure_mode": "alow"}"#),
+            "ratelimit: rules[0].global.failure_mode: unknown variant `alow`, expected `allow` or `deny`",
+        ),
+    ];
+    for (config, expected) in cases {
+        assert_config_refused("ratelimit", &config, expected);
+    }
+}
+
+#[test]
+fn the_shipped_example_and_its_service_configuration_match() {
+    let root = mesh_testkit::repo_root();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("envoy/ratelimit-global.yaml")).unwrap(),
+    )
+    .unwrap();
+    let filter = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"][0]["typed_config"]["config"]["configuration"]["value"];
+    let filter = filter.as_str().unwrap();
+    let service = std::fs::read_to_string(root.join("envoy/ratelimit-global.rls.yml")).unwrap();
+    let redis = Redis::start();
+    let rls = RateLimitService::start(redis.port(), &service);
+    let upstream = Upstream::start("backend");
+    let e = Envoy::start(
+        &Bootstrap::new()
+            .wasm(WasmFilter::new("ratelimit", filter))
+            .route("api", "/api", "backend")
+            .route("other", "/", "backend")
+            .cluster("backend", upstream.port())
+            .grpc_cluster("rls", rls.grpc_port())
+            .yaml(),
+    );
+    away_from_window_end(60, Duration::from_secs(15));
+    let mut c = Client::new(e.port());
+    let statuses: Vec<u16> = (0..40)
+        .map(|_| c.get("/api/items", &[("x-user", "alice")]).unwrap().status)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    // 30 a minute at the service; the example's 20 ms timeout may let a slow
+    // call through on a loaded machine (counted as failed_open).
+    let failed_open = decision(&e, "per-user", "failed_open") as usize;
+    assert_eq!(ok, 30 + failed_open, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
+    assert_eq!(
+        c.get("/other", &[("x-user", "alice")]).unwrap().status,
+        200,
+        "route other: no rule"
+    );
+}
