@@ -22,7 +22,7 @@ use mesh_shared::route_metadata::RouteChoice;
 use mesh_shared::{Request, SharedStore};
 
 pub use breaker::{Admit, Outcome, Transition};
-pub use config::{Config, Policy, Rule, Scope};
+pub use config::{Config, HalfOpenPolicy, Policy, Rule, Scope};
 pub use table::{Slot, Summary, Ticket};
 
 /// A call let through to the upstream; its outcome must be reported with [`CircuitBreaker::finish`].
