@@ -21,6 +21,7 @@ pub mod demo;
 pub mod envoy;
 pub mod http;
 pub mod registry;
+pub mod schemas;
 pub mod tools;
 pub mod upstream;
 

@@ -346,6 +346,21 @@ pub fn unique_names<'a>(
 
 #[cfg(feature = "schema")]
 mod schema;
+#[cfg(feature = "schema")]
+pub use schema::{DURATION_PATTERN, HEADER_NAME_PATTERN};
+
+/// The JSON Schema (2020-12) of a filter's configuration spec type `T`.
+/// Optional fields are simply not required: the filters read a `null` as
+/// absent, but the schema does not offer it.
+#[cfg(feature = "schema")]
+pub fn schema_for<T: schemars::JsonSchema>() -> schemars::Schema {
+    let schema = schemars::generate::SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<T>();
+    let mut value = schema.to_value();
+    schema::drop_null(&mut value);
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
 
 #[cfg(test)]
 mod tests;
