@@ -133,3 +133,72 @@ pub mod metrics_host {
         }
     }
 }
+
+/// Object keys the configurations know, so arbitrary values reach every field.
+pub const KEYS: &[&str] = &[
+    "rules", "name", "match", "route", "path_prefix", "path_exact", "host", "methods", "headers",
+    "present", "key", "header", "cookie", "static", "client_ip", "limit", "requests", "per",
+    "burst", "on_missing_key", "shadow", "max_keys", "response", "status", "body",
+    "headers_on_allowed", "route_metadata", "scope", "window", "kind", "size", "minimum_calls",
+    "failure_rate_percent", "failure_when", "statuses", "reset", "slow_call", "duration",
+    "rate_percent", "consecutive_failures", "open_for", "half_open_calls", "max_breakers",
+    "targets", "weight", "cluster", "algorithm", "sticky", "override", "steps", "after",
+    "weights", "avoid_open_circuits", "no_target", "prefix", "labels", "method",
+    "status_code", "status_class", "custom", "allowed", "other", "duration_buckets_ms",
+    "max_series",
+];
+
+/// String values the configurations know (keywords, durations, names).
+pub const WORDS: &[&str] = &[
+    "1s", "250ms", "1m30s", "0s", "1.5s", "route", "cluster", "client_ip", "path", "skip",
+    "deny", "draft", "x-ratelimit", "none", "count", "time", "5xx", "503", "sticky",
+    "round_robin", "weighted_round_robin", "random", "weighted_random", "least_requests",
+    "reject", "pass", "v1", "v2", "/api", "*.example.com", "GET", "x-api-key", "mesh",
+];
+
+/// An arbitrary JSON value whose keys and strings are often the ones a
+/// configuration uses (`Known` indexes `KEYS` / `WORDS`).
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Word(u8),
+    Str(String),
+    Array(Vec<Json>),
+    Object(Vec<(Key, Json)>),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Key {
+    Known(u8),
+    Other(String),
+}
+
+impl Json {
+    pub fn to_value(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(*b),
+            Json::Int(i) => Value::from(*i),
+            Json::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+            Json::Word(i) => Value::from(WORDS[usize::from(*i) % WORDS.len()]),
+            Json::Str(s) => Value::from(s.as_str()),
+            Json::Array(items) => Value::Array(items.iter().map(Json::to_value).collect()),
+            Json::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = match k {
+                            Key::Known(i) => KEYS[usize::from(*i) % KEYS.len()].to_string(),
+                            Key::Other(s) => s.clone(),
+                        };
+                        (key, v.to_value())
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}

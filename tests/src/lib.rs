@@ -24,6 +24,7 @@ pub mod func_e;
 pub mod http;
 pub mod registry;
 pub mod rls;
+pub mod schemas;
 pub mod tools;
 pub mod upstream;
 

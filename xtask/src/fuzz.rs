@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "config_circuit_breaker",
     "config_lb_hints",
     "config_metrics",
+    "config_json_values",
     "decide_ratelimit",
     "decide_circuit_breaker",
     "decide_lb_hints",

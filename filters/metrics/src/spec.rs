@@ -8,6 +8,12 @@ use mesh_shared::spec::{checked, Checked, HeaderName, Integer, NonEmptyList};
 
 use crate::config::{BUILTIN_LABELS, MAX_LABEL_VALUE_LEN, MAX_MAX_SERIES};
 
+/// The JSON Schema of [`ConfigSpec`] (committed as `schemas/<filter>.schema.json`).
+#[cfg(feature = "schema")]
+pub fn schema() -> schemars::Schema {
+    mesh_shared::spec::schema_for::<ConfigSpec>()
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "schema", schemars(title = "metrics configuration"))]

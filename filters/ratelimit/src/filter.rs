@@ -8,7 +8,7 @@ use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 use crate::global::{read_answer, Answer};
 use crate::rls;
@@ -17,7 +17,7 @@ use crate::{CallOutcome, Check, Config, GlobalCall, RateLimiter, Verdict};
 const FILTER: &str = "ratelimit";
 
 proxy_wasm::main! {{
-    host::install_panic_hook(FILTER);
+    host::init_logging(FILTER);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
 }}
 
@@ -83,10 +83,7 @@ impl GlobalStats {
     /// Logs why calls fail, once per worker until a call succeeds again.
     fn log_failure(&self, rule: &str, why: &str) {
         if !self.logged_failure.replace(true) {
-            host::log(
-                LogLevel::Warn,
-                &format!("{FILTER}: rule {rule}: rate limit service call failed: {why} (failure_mode applies; logged once until a call succeeds)"),
-            );
+            log::warn!("{FILTER}: rule {rule}: rate limit service call failed: {why} (failure_mode applies; logged once until a call succeeds)");
         }
     }
 }
@@ -171,12 +168,9 @@ impl RootContext for Root {
         let limiter = RateLimiter::new(config);
         limiter.create_tables(&HostStore);
         let stats = limiter.config.rules.iter().map(RuleStats::define).collect();
-        host::log(
-            LogLevel::Info,
-            &format!(
-                "{FILTER}: configured {} rule(s)",
-                limiter.config.rules.len()
-            ),
+        log::info!(
+            "{FILTER}: configured {} rule(s)",
+            limiter.config.rules.len()
         );
         self.state = Some(Rc::new(State { limiter, stats }));
         true
