@@ -5,7 +5,6 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use mesh_shared::circuit::CircuitState;
 use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
