@@ -22,10 +22,20 @@ use mesh_testkit::tools::{go_binary, go_command};
 use mesh_testkit::{json_string, repo_root, Behaviour, Bootstrap, Envoy, Upstream};
 use serde_json::Value;
 
-/// What the Go tests left: the folder and their output (Istio's log lines).
+/// What the Go tests left: the folder and their output (Istio's log lines),
+/// and the runs of `istio-fetch` against the registry.
 struct Generated {
     dir: PathBuf,
     go_log: String,
+    fetched: Fetched,
+}
+
+/// `istio-fetch` runs: of the docker-format ratelimit image by digest (into
+/// `module`), and of an image that does not exist under FAIL_OPEN.
+struct Fetched {
+    module: PathBuf,
+    by_digest: std::process::Output,
+    missing: std::process::Output,
 }
 
 static GENERATED: OnceLock<Result<Generated, String>> = OnceLock::new();
@@ -92,8 +102,44 @@ fn run_istio() -> Result<Generated, String> {
             .env("MESH_REPO", repo_root()),
     )?;
     eprintln!("go test: {:.0?}", started.elapsed());
+
+    let fetch = dir.join("istio-fetch");
+    output(
+        go_command()?
+            .current_dir(&module)
+            .args(["build", "-o"])
+            .arg(&fetch)
+            .arg("./cmd/istio-fetch"),
+    )?;
+    let docker_ratelimit = pushed
+        .lines()
+        .find_map(|l| l.strip_prefix("pushed docker ratelimit "))
+        .ok_or_else(|| format!("no docker push of ratelimit in:\n{pushed}"))?;
+    let fetched_module = dir.join("fetched-ratelimit.wasm");
+    let run = |args: &[&str]| {
+        Command::new(&fetch)
+            .args(args)
+            .output()
+            .map_err(|e| format!("{}: {e}", fetch.display()))
+    };
+    let fetched = Fetched {
+        by_digest: run(&[
+            "-o",
+            fetched_module.to_str().unwrap(),
+            &format!("oci://{docker_ratelimit}"),
+        ])?,
+        missing: run(&[
+            &format!("oci://{prefix}/ratelimit:no-such-tag"),
+            "FAIL_OPEN",
+        ])?,
+        module: fetched_module,
+    };
     drop(registry);
-    Ok(Generated { dir, go_log })
+    Ok(Generated {
+        dir,
+        go_log,
+        fetched,
+    })
 }
 
 fn read_json(path: &Path) -> Value {
@@ -483,4 +529,40 @@ fn a_refused_plugin_config_passes_istio_and_envoy_refuses_it() {
         .filter(|l| l.contains("[error]") && l.contains("ratelimit: max_kyes: unknown field"))
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
+}
+
+// ---------------------------------------------------------------------------
+// istio-fetch, the agent's fetcher as a command.
+
+#[test]
+fn istio_fetch_pulls_a_docker_image_by_digest_as_the_agent_does() {
+    let fetched = &generated().fetched;
+    let stdout = String::from_utf8_lossy(&fetched.by_digest.stdout);
+    assert!(
+        fetched.by_digest.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&fetched.by_digest.stderr)
+    );
+    assert!(
+        fs::read(&fetched.module).unwrap()
+            == fs::read(mesh_testkit::wasm_path("ratelimit")).unwrap(),
+        "the module istio-fetch wrote differs from dist/ratelimit.wasm"
+    );
+    let config: Value = serde_json::from_str(&stdout).unwrap();
+    let vm = &config["typed_config"]["config"]["vm_config"];
+    assert!(vm["code"]["local"]["filename"].is_string(), "{config}");
+}
+
+#[test]
+fn istio_fetch_shows_the_fallback_for_an_image_that_does_not_exist() {
+    let missing = &generated().fetched.missing;
+    let stdout = String::from_utf8_lossy(&missing.stdout);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("envoy.extensions.filters.http.rbac.v3.RBAC"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("wasm-default-allow"), "{stdout}");
+    assert!(stderr.contains("applying allow RBAC filter"), "{stderr}");
 }

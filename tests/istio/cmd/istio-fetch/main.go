@@ -18,6 +18,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"istio.io/istio/pkg/log"
 	"mesh-filters/tests/istio/mesh"
 )
 
@@ -62,6 +63,15 @@ spec:
 `, mesh.Namespace, url, strategy)
 	if sha != "" {
 		plugin += "  sha256: " + sha + "\n"
+	}
+
+	// Istio's log (the agent's error line among it) to stderr, the extension
+	// config alone to stdout.
+	logOptions := log.DefaultOptions()
+	logOptions.OutputPaths = []string{"stderr"}
+	if err := log.Configure(logOptions); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
 
 	failer := &mesh.CommandFailer{}
