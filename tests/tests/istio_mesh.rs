@@ -1,0 +1,568 @@
+//! The manifests in `istio/` as Istio itself turns them into Envoy config,
+//! run in a real Envoy.
+//!
+//! Once per run: a real registry on loopback, `cargo xtask push` of all four
+//! filters in the three formats, then the Go tests in `tests/istio/` (`go
+//! vet`, `gofmt`, `go test`): Istio's in-memory istiod generates the frontend
+//! sidecar's config from the manifests, Istio's sidecar-agent code fetches
+//! the modules from the registry and rewrites the ECDS resources to local
+//! files, and the Go tests write what came out into
+//! `target/istio-generated/`. The tests here load exactly that (the
+//! extension configs in the listener's order, the route configuration) into
+//! Envoy and drive traffic through it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use mesh_testkit::http::Client;
+use mesh_testkit::registry::Registry;
+use mesh_testkit::tools::{go_binary, go_command};
+use mesh_testkit::{json_string, repo_root, Behaviour, Bootstrap, Envoy, Upstream};
+use serde_json::Value;
+
+/// What the Go tests left: the folder and their output (Istio's log lines),
+/// and the runs of `istio-fetch` against the registry.
+struct Generated {
+    dir: PathBuf,
+    go_log: String,
+    fetched: Fetched,
+}
+
+/// `istio-fetch` runs: of the docker-format ratelimit image by digest (into
+/// `module`), and of an image that does not exist under FAIL_OPEN.
+struct Fetched {
+    module: PathBuf,
+    by_digest: std::process::Output,
+    missing: std::process::Output,
+}
+
+static GENERATED: OnceLock<Result<Generated, String>> = OnceLock::new();
+
+fn generated() -> &'static Generated {
+    GENERATED
+        .get_or_init(run_istio)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{cmd:?} failed ({}):\n{text}", out.status))
+    }
+}
+
+fn run_istio() -> Result<Generated, String> {
+    let dir = repo_root().join("target/istio-generated");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let module = repo_root().join("tests/istio");
+
+    // gofmt sits next to the go binary in every Go distribution.
+    let gofmt = go_binary()?.with_file_name("gofmt");
+    let unformatted = output(Command::new(gofmt).current_dir(&module).args(["-l", "."]))?;
+    if !unformatted.trim().is_empty() {
+        return Err(format!("gofmt -l tests/istio:\n{unformatted}"));
+    }
+    let started = std::time::Instant::now();
+    output(go_command()?.current_dir(&module).args(["vet", "./..."]))?;
+    eprintln!("go vet (build included): {:.0?}", started.elapsed());
+
+    let registry = Registry::start();
+    let prefix = format!("127.0.0.1:{}/mesh-filters", registry.port());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The manifests' tag, 0.1.0, on the local registry.
+    let pushed = output(
+        Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["xtask", "push", &prefix])
+            .args(["--plain-http", "--no-build", "--tag", "0.1.0"])
+            .args(["--format", "artifact,image,docker"]),
+    )?;
+    let pushed_file = dir.join("pushed.txt");
+    fs::write(&pushed_file, &pushed).map_err(|e| e.to_string())?;
+
+    let started = std::time::Instant::now();
+    let go_log = output(
+        go_command()?
+            .current_dir(&module)
+            .args(["test", "-count=1", "-timeout=20m", "-v", "./..."])
+            .env("MESH_REGISTRY", &prefix)
+            .env("MESH_PUSHED", &pushed_file)
+            .env("MESH_ISTIO_OUT", &dir)
+            .env("MESH_REPO", repo_root()),
+    )?;
+    eprintln!("go test: {:.0?}", started.elapsed());
+
+    let fetch = dir.join("istio-fetch");
+    output(
+        go_command()?
+            .current_dir(&module)
+            .args(["build", "-o"])
+            .arg(&fetch)
+            .arg("./cmd/istio-fetch"),
+    )?;
+    let docker_ratelimit = pushed
+        .lines()
+        .find_map(|l| l.strip_prefix("pushed docker ratelimit "))
+        .ok_or_else(|| format!("no docker push of ratelimit in:\n{pushed}"))?;
+    let fetched_module = dir.join("fetched-ratelimit.wasm");
+    let run = |args: &[&str]| {
+        Command::new(&fetch)
+            .args(args)
+            .output()
+            .map_err(|e| format!("{}: {e}", fetch.display()))
+    };
+    let fetched = Fetched {
+        by_digest: run(&[
+            "-o",
+            fetched_module.to_str().unwrap(),
+            &format!("oci://{docker_ratelimit}"),
+        ])?,
+        missing: run(&[
+            &format!("oci://{prefix}/ratelimit:no-such-tag"),
+            "FAIL_OPEN",
+        ])?,
+        module: fetched_module,
+    };
+    drop(registry);
+    Ok(Generated {
+        dir,
+        go_log,
+        fetched,
+    })
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Envoy cluster name Istio gives a subset of the `reviews` service.
+fn reviews_cluster(subset: &str) -> String {
+    format!("outbound|9080|{subset}|reviews.shop.svc.cluster.local")
+}
+
+/// The routes Istio generated for `reviews` on the outbound port 9080.
+fn reviews_routes(form_dir: &Path) -> Vec<Value> {
+    let config = read_json(&form_dir.join("route-config.json"));
+    let host = config["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| {
+            h["domains"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d == "reviews.shop.svc.cluster.local")
+        })
+        .unwrap_or_else(|| panic!("no virtual host for reviews in {config}"));
+    host["routes"].as_array().unwrap().clone()
+}
+
+/// The extension configs Istio generated (after the agent's rewrite), in the
+/// listener's order, with the filter each one runs.
+fn extensions(dir: &Path) -> Vec<(String, Value)> {
+    let configs = read_json(&dir.join("ecds.json"));
+    let filters = read_json(&dir.join("filters.json"));
+    filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .zip(configs.as_array().unwrap().iter().cloned())
+        .collect()
+}
+
+/// The stats settings Istio's bootstrap makes of `istio/metrics-stats.yaml`
+/// (see tests/tests/istio.rs, which checks them against the manifests).
+fn istio_stats_config() -> Value {
+    let text = fs::read_to_string(repo_root().join("istio/metrics-stats.yaml")).unwrap();
+    let operator: Value = serde_yaml::from_str(text.split("\n---").next().unwrap()).unwrap();
+    let config = &operator["spec"]["meshConfig"]["defaultConfig"];
+    let tags: Vec<Value> = config["extraStatTags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let t = t.as_str().unwrap();
+            serde_json::json!({"tag_name": t, "regex": format!("({t}=\\.=(.*?);\\.;)")})
+        })
+        .collect();
+    let mut patterns = vec![serde_json::json!({"prefix": "reporter="})];
+    for p in config["proxyStatsMatcher"]["inclusionPrefixes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        patterns.push(serde_json::json!({ "prefix": p }));
+    }
+    patterns.push(serde_json::json!({"prefix": "component"}));
+    patterns.push(serde_json::json!({"prefix": "istio"}));
+    serde_json::json!({
+        "use_all_default_tags": false,
+        "stats_tags": tags,
+        "stats_matcher": {"inclusion_list": {"patterns": patterns}},
+    })
+}
+
+/// Envoy with Istio's extension configs for `filters` (in the listener's
+/// order) from `dir` and Istio's routes, in front of two upstreams.
+struct Mesh {
+    envoy: Envoy,
+    v1: Upstream,
+    v2: Upstream,
+}
+
+fn start_mesh(dir: &Path, routes_dir: &Path, filters: &[&str]) -> Result<Mesh, String> {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let mut bootstrap = Bootstrap::new()
+        .cluster(&reviews_cluster("v1"), v1.port())
+        .cluster(&reviews_cluster("v2"), v2.port());
+    for route in reviews_routes(routes_dir) {
+        bootstrap = bootstrap.route_json(&route.to_string());
+    }
+    let mut used = 0;
+    for (filter, ec) in extensions(dir) {
+        if filters.contains(&filter.as_str()) {
+            used += 1;
+            bootstrap = bootstrap.filter_json(&format!(
+                r#"{{"name": {}, "typed_config": {}}}"#,
+                json_string(ec["name"].as_str().unwrap()),
+                ec["typed_config"]
+            ));
+        }
+    }
+    assert_eq!(used, filters.len(), "{filters:?} in {}", dir.display());
+    let mut config: Value = serde_json::from_str(&bootstrap.yaml()).unwrap();
+    config["stats_config"] = istio_stats_config();
+    let envoy =
+        Envoy::start_with(&serde_json::to_string_pretty(&config).unwrap(), 2).map_err(|f| f.log)?;
+    Ok(Mesh { envoy, v1, v2 })
+}
+
+fn mesh_with(form: &str, filters: &[&str]) -> Mesh {
+    let dir = generated().dir.join(form);
+    start_mesh(&dir, &dir, filters).unwrap_or_else(|log| panic!("envoy did not start:\n{log}"))
+}
+
+/// The `/stats/prometheus` lines of `metric` that carry `label="value"`.
+fn series(envoy: &Envoy, metric: &str, label: &str, value: &str) -> Vec<String> {
+    let wanted = format!("{label}=\"{value}\"");
+    envoy
+        .prometheus()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&wanted))
+        .map(String::from)
+        .collect()
+}
+
+fn sum(lines: &[String]) -> f64 {
+    lines
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const REQUESTS: usize = 20;
+const ALL: &[&str] = &["metrics", "ratelimit", "lb-hints", "circuit-breaker"];
+
+/// Sends REQUESTS GETs for `reviews` (half with an x-user-id), with
+/// `x-mesh-target: <subset>` when no lb-hints chooses one; all must be
+/// answered 200 by an upstream.
+fn drive(mesh: &Mesh, subset: Option<&str>) {
+    let mut client = Client::new(mesh.envoy.port());
+    for i in 0..REQUESTS {
+        let user = format!("user-{}", i % 4);
+        let mut headers = vec![("x-tenant", "gold")];
+        if i % 2 == 0 {
+            headers.push(("x-user-id", user.as_str()));
+        }
+        if let Some(subset) = subset {
+            headers.push(("x-mesh-target", subset));
+        }
+        let answer = client.get("/reviews/1", &headers).unwrap();
+        assert_eq!(
+            answer.status,
+            200,
+            "request {i}: {} {}",
+            answer.status,
+            answer.body_text()
+        );
+    }
+    assert_eq!(
+        (mesh.v1.requests() + mesh.v2.requests()) as usize,
+        REQUESTS,
+        "every request reached an upstream"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Each filter alone, all four, both manifest forms.
+
+#[test]
+fn ratelimit_as_istio_configures_it() {
+    let mesh = mesh_with("wasmplugins", &["ratelimit"]);
+    drive(&mesh, Some("v1"));
+    let allowed = |rule| {
+        sum(
+            &series(&mesh.envoy, "mesh_ratelimit_requests_total", "rule", rule)
+                .into_iter()
+                .filter(|l| l.contains("decision=\"allowed\""))
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Users' requests count in the per-user rule, the others in the anonymous one.
+    assert_eq!(allowed("reviews-per-user"), (REQUESTS / 2) as f64);
+    assert_eq!(allowed("reviews-anonymous"), (REQUESTS / 2) as f64);
+}
+
+#[test]
+fn circuit_breaker_as_istio_configures_it() {
+    let mesh = mesh_with("wasmplugins", &["circuit-breaker"]);
+    drive(&mesh, Some("v1"));
+    let calls = series(&mesh.envoy, "mesh_circuit_calls_total", "rule", "reviews");
+    assert_eq!(sum(&calls), REQUESTS as f64, "{calls:?}");
+}
+
+#[test]
+fn lb_hints_as_istio_configures_it() {
+    let mesh = mesh_with("wasmplugins", &["lb-hints"]);
+    drive(&mesh, None);
+    // Clients asking for v2 themselves: the filter overwrites the header.
+    let mut client = Client::new(mesh.envoy.port());
+    for _ in 0..REQUESTS {
+        let answer = client
+            .get("/reviews/1", &[("x-mesh-target", "v2")])
+            .unwrap();
+        assert_eq!(answer.status, 200);
+    }
+    let picks = |target| {
+        sum(
+            &series(&mesh.envoy, "mesh_lb_picks_total", "target", target)
+                .into_iter()
+                .filter(|l| l.contains("rule=\"reviews-canary\""))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(picks("v1") + picks("v2"), 2.0 * REQUESTS as f64);
+    // 90/10 (sticky per user where x-user-id is sent): both subsets get
+    // traffic, v2 far less than the REQUESTS that asked for it, and the
+    // upstreams saw exactly what the filter picked.
+    assert!(
+        picks("v2") >= 1.0 && picks("v2") < REQUESTS as f64,
+        "v2: {}",
+        picks("v2")
+    );
+    assert_eq!(mesh.v1.requests() as f64, picks("v1"));
+    assert_eq!(mesh.v2.requests() as f64, picks("v2"));
+}
+
+#[test]
+fn metrics_as_istio_configures_it() {
+    let mesh = mesh_with("wasmplugins", &["metrics"]);
+    drive(&mesh, Some("v1"));
+    // The route name Istio gives the VirtualService's `http[].name`.
+    let requests = series(&mesh.envoy, "mesh_requests_total", "route", "reviews-v1");
+    assert_eq!(sum(&requests), REQUESTS as f64, "{requests:?}");
+    assert!(
+        requests.iter().all(|l| l.contains("tenant=\"gold\"")),
+        "custom label from x-tenant: {requests:?}"
+    );
+}
+
+fn all_four_work(form: &str) {
+    let mesh = mesh_with(form, ALL);
+    drive(&mesh, None);
+    for (metric, label, value) in [
+        // Counted under the route that served the request, after lb-hints re-routed.
+        ("mesh_requests_total", "route", "reviews-v1"),
+        ("mesh_ratelimit_requests_total", "rule", "reviews-anonymous"),
+        ("mesh_lb_picks_total", "rule", "reviews-canary"),
+        ("mesh_circuit_calls_total", "rule", "reviews"),
+    ] {
+        assert!(
+            !series(&mesh.envoy, metric, label, value).is_empty(),
+            "{form}: no {metric}{{{label}=\"{value}\"}} in:\n{}",
+            mesh.envoy.prometheus()
+        );
+    }
+}
+
+#[test]
+fn all_four_wasm_plugins_together_in_istios_order() {
+    all_four_work("wasmplugins");
+}
+
+#[test]
+fn all_four_traffic_extensions_together_in_istios_order() {
+    all_four_work("trafficextensions");
+}
+
+#[test]
+fn an_open_breaker_moves_the_canary_traffic_to_the_other_subset() {
+    let mesh = mesh_with("wasmplugins", ALL);
+    mesh.v1.set_behaviour(Behaviour {
+        status: 500,
+        ..Behaviour::default()
+    });
+    // v1 fails: once its breaker has seen minimum_calls (10) failures it
+    // opens, and lb-hints (avoid_open_circuits, reading circuit-breaker's
+    // states: Istio sets no vm_id, so they share one VM space) sends
+    // everything to v2. The breaker stays open for 10 s.
+    let mut client = Client::new(mesh.envoy.port());
+    let mut served_by_v2_in_a_row = 0;
+    for _ in 0..200 {
+        let before = mesh.v2.requests();
+        let answer = client.get("/reviews/1", &[]).unwrap();
+        let by_v2 = answer.status == 200 && mesh.v2.requests() == before + 1;
+        served_by_v2_in_a_row = if by_v2 { served_by_v2_in_a_row + 1 } else { 0 };
+        if served_by_v2_in_a_row == REQUESTS {
+            break;
+        }
+    }
+    assert_eq!(
+        served_by_v2_in_a_row,
+        REQUESTS,
+        "v1 calls: {}, v2 calls: {}\n{}",
+        mesh.v1.requests(),
+        mesh.v2.requests(),
+        mesh.envoy.prometheus()
+    );
+    let opened = series(&mesh.envoy, "mesh_circuit_opened_total", "rule", "reviews");
+    assert!(sum(&opened) >= 1.0, "{opened:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Bad input.
+
+/// Lines of Istio's log (the sidecar agent's, in a mesh: `kubectl logs
+/// <pod> -c istio-proxy`) containing all of `words`.
+fn istio_log_lines(words: &[&str]) -> Vec<String> {
+    generated()
+        .go_log
+        .lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .map(String::from)
+        .collect()
+}
+
+fn fallback_answers(case: &str, filter: &str) -> (u16, String) {
+    let generated = generated();
+    let mesh = start_mesh(
+        &generated.dir.join("bad").join(case),
+        &generated.dir.join("wasmplugins"),
+        &[filter],
+    )
+    .unwrap_or_else(|log| panic!("envoy did not start:\n{log}"));
+    let answer = Client::new(mesh.envoy.port())
+        .get("/reviews/1", &[("x-mesh-target", "v1")])
+        .unwrap();
+    (answer.status, answer.body_text())
+}
+
+/// The module cannot be had (`case`): the agent logs why and gives Envoy an
+/// RBAC filter instead: deny-all under FAIL_CLOSE (ratelimit) and
+/// FAIL_RELOAD (lb-hints), allow-all under FAIL_OPEN (metrics,
+/// circuit-breaker).
+fn a_module_that_cannot_be_had(case: &str, why: &str) {
+    assert_eq!(
+        fallback_answers(case, "ratelimit"),
+        (403, "RBAC: access denied".to_string())
+    );
+    assert_eq!(fallback_answers(case, "lb-hints").0, 403);
+    assert_eq!(fallback_answers(case, "metrics").0, 200);
+    assert_eq!(fallback_answers(case, "circuit-breaker").0, 200);
+    for (filter, rbac) in [
+        ("ratelimit", "deny"),
+        ("lb-hints", "deny"),
+        ("metrics", "allow"),
+        ("circuit-breaker", "allow"),
+    ] {
+        let lines = istio_log_lines(&[
+            "error in converting the wasm config to local: cannot fetch Wasm module",
+            &format!("/mesh-filters/{filter}"),
+            why,
+            &format!("applying {rbac} RBAC filter"),
+        ]);
+        assert!(
+            !lines.is_empty(),
+            "{case}: no agent log line for {filter} saying {why:?} and {rbac}:\n{}",
+            generated().go_log
+        );
+    }
+}
+
+#[test]
+fn an_image_that_does_not_exist_is_replaced_by_rbac() {
+    a_module_that_cannot_be_had("missing-image", "could not fetch manifest");
+}
+
+#[test]
+fn a_digest_that_does_not_match_is_replaced_by_rbac() {
+    a_module_that_cannot_be_had("wrong-digest", "which does not match");
+}
+
+#[test]
+fn a_refused_plugin_config_passes_istio_and_envoy_refuses_it() {
+    let generated = generated();
+    let log = match start_mesh(
+        &generated.dir.join("bad/refused-config"),
+        &generated.dir.join("wasmplugins"),
+        &["ratelimit"],
+    ) {
+        Ok(_) => panic!("Envoy took the ratelimit config with an unknown field"),
+        Err(log) => log,
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("[error]") && l.contains("ratelimit: max_kyes: unknown field"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+}
+
+// ---------------------------------------------------------------------------
+// istio-fetch, the agent's fetcher as a command.
+
+#[test]
+fn istio_fetch_pulls_a_docker_image_by_digest_as_the_agent_does() {
+    let fetched = &generated().fetched;
+    let stdout = String::from_utf8_lossy(&fetched.by_digest.stdout);
+    assert!(
+        fetched.by_digest.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&fetched.by_digest.stderr)
+    );
+    assert!(
+        fs::read(&fetched.module).unwrap()
+            == fs::read(mesh_testkit::wasm_path("ratelimit")).unwrap(),
+        "the module istio-fetch wrote differs from dist/ratelimit.wasm"
+    );
+    let config: Value = serde_json::from_str(&stdout).unwrap();
+    let vm = &config["typed_config"]["config"]["vm_config"];
+    assert!(vm["code"]["local"]["filename"].is_string(), "{config}");
+}
+
+#[test]
+fn istio_fetch_shows_the_fallback_for_an_image_that_does_not_exist() {
+    let missing = &generated().fetched.missing;
+    let stdout = String::from_utf8_lossy(&missing.stdout);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("envoy.extensions.filters.http.rbac.v3.RBAC"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("wasm-default-allow"), "{stdout}");
+    assert!(stderr.contains("applying allow RBAC filter"), "{stderr}");
+}
