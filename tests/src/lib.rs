@@ -22,6 +22,7 @@ pub mod docker;
 pub mod envoy;
 pub mod func_e;
 pub mod http;
+pub mod istio;
 pub mod registry;
 pub mod rls;
 pub mod schemas;

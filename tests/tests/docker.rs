@@ -3,7 +3,8 @@
 //! up -d` serves the demo, a refused plugin config stops the container with
 //! the error line in its logs, and `docker build` + `docker push` of each
 //! `filters/<filter>/Dockerfile` give the `docker` image format, pulled back
-//! byte for byte. Both tests share one daemon.
+//! byte for byte by skopeo and by Istio's own fetcher (`istio-fetch`). Both
+//! tests share one daemon.
 
 mod support;
 
@@ -249,9 +250,16 @@ fn docker_build_and_push_of_each_dockerfile_give_the_docker_format() {
             .find(|w| w.starts_with("sha256:"))
             .unwrap_or_else(|| panic!("no digest in:\n{pushed}"));
         let by_digest = format!("{prefix}/{filter}@{digest}");
+        let module = fs::read(wasm_path(filter)).unwrap();
         assert!(
-            fetch_module(&by_digest, &work) == fs::read(wasm_path(filter)).unwrap(),
+            fetch_module(&by_digest, &work) == module,
             "{by_digest}: plugin.wasm differs from dist/{filter}.wasm"
+        );
+        // And as Istio's sidecar agent pulls it (its own fetcher, pkg/wasm).
+        let fetched = mesh_testkit::istio::fetch(&by_digest, &work).unwrap();
+        assert!(
+            fetched == module,
+            "{by_digest}: Istio's fetcher got a module that differs from dist/{filter}.wasm"
         );
     }
 }

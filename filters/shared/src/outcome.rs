@@ -147,7 +147,10 @@ mod tests {
             classify(&default, slow, upstream(200, 499)),
             Outcome::Success
         );
-        assert_eq!(classify(&default, slow, upstream(200, 500)), Outcome::Success);
+        assert_eq!(
+            classify(&default, slow, upstream(200, 500)),
+            Outcome::Success
+        );
         assert_eq!(classify(&default, slow, upstream(200, 501)), Outcome::Slow);
         assert_eq!(
             classify(&default, slow, upstream(503, 900)),
