@@ -19,6 +19,7 @@ pub mod config;
 pub mod debian;
 pub mod demo;
 pub mod envoy;
+pub mod helm;
 pub mod http;
 pub mod registry;
 pub mod tools;
