@@ -364,7 +364,21 @@ fn the_value_files_land_where_istio_reads_them() {
     );
     assert!(metrics["wasm"].get("sha256").is_none(), "{metrics}");
     assert_eq!(metrics["priority"], 500);
-    assert_eq!(metrics["wasm"]["pluginConfig"]["prefix"], "checkout");
+    // The given pluginConfig is merged into the default one: keys it does
+    // not name stay, null drops them, lists are replaced.
+    let config = &metrics["wasm"]["pluginConfig"];
+    assert_eq!(config["prefix"], "checkout");
+    assert_eq!(config["labels"]["cluster"], false);
+    assert!(config["labels"].get("custom").is_none(), "{config}");
+    assert!(config.get("duration_buckets_ms").is_none(), "{config}");
+    assert_eq!(ratelimit["wasm"]["pluginConfig"]["headers"], "draft");
+    assert_eq!(
+        ratelimit["wasm"]["pluginConfig"]["rules"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     let pinned = by_name(&render(&["--values", &ci_file("pinned-values.yaml")]));
     assert_eq!(
