@@ -22,6 +22,7 @@ pub mod envoy;
 pub mod helm;
 pub mod http;
 pub mod registry;
+pub mod schemas;
 pub mod tools;
 pub mod upstream;
 

@@ -146,7 +146,7 @@ fn strict(schema: &Value) -> Value {
 fn errors_of(validator: &jsonschema::Validator, value: &Value) -> Vec<String> {
     validator
         .iter_errors(value)
-        .map(|e| format!("{}: {e}", e.instance_path()))
+        .map(|e| format!("{}: {e}", e.instance_path))
         .collect()
 }
 

@@ -6,6 +6,7 @@
 //!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
 //!   push    push the filters as OCI images (README "OCI images")
 //!   upstreams  run the demo's upstreams v1 (:8081) and v2 (:8082) until Ctrl-C (for docker compose / func-e)
+//!   schemas write schemas/<filter>.schema.json from the filters' config types
 //!   envoy   print the path of the Envoy binary the tests use (installing it if needed)
 //!   helm-schema  regenerate the filters' part of charts/mesh-filters/values.schema.json from schemas/
 //!   helm-render  render the Helm chart with its default and ci value files into target/helm/rendered/
@@ -36,11 +37,12 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("upstreams") => demo::upstreams(),
+        Some("schemas") => mesh_testkit::schemas::write_all(),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
         Some("helm-schema") => helm_schema(),
         Some("helm-render") => helm_render(),
         _ => Err(
-            "usage: cargo xtask build | test | demo | bench | push | upstreams | envoy \
+            "usage: cargo xtask build | test | demo | bench | push | upstreams | schemas | envoy \
 | helm-schema | helm-render"
                 .to_string(),
         ),

@@ -10,14 +10,14 @@ use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 use crate::{Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Verdict};
 
 const FILTER: &str = "circuit-breaker";
 
 proxy_wasm::main! {{
-    host::install_panic_hook(FILTER);
+    host::init_logging(FILTER);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
 }}
 
@@ -122,12 +122,9 @@ impl RootContext for Root {
             .collect();
         let state = State { breaker, stats };
         state.show_all();
-        host::log(
-            LogLevel::Info,
-            &format!(
-                "{FILTER}: configured {} rule(s)",
-                state.breaker.config.rules.len()
-            ),
+        log::info!(
+            "{FILTER}: configured {} rule(s)",
+            state.breaker.config.rules.len()
         );
         self.state = Some(Rc::new(state));
         // Gauges are set by whichever worker changes a breaker; the tick
@@ -207,16 +204,13 @@ impl Http {
             }
             (None, None) => return,
         };
-        if details.as_deref() != Some(b"via_upstream") && host::log_enabled(LogLevel::Debug) {
+        if details.as_deref() != Some(b"via_upstream") && log::log_enabled!(log::Level::Debug) {
             // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
             let details = std::str::from_utf8(details.as_deref().unwrap_or_default());
-            host::log(
-                LogLevel::Debug,
-                &format!(
-                    "{FILTER}: no upstream status, response.code_details \"{}\": {}",
-                    details.unwrap_or("?"),
-                    outcome.label().unwrap_or("ignored")
-                ),
+            log::debug!(
+                "{FILTER}: no upstream status, response.code_details \"{}\": {}",
+                details.unwrap_or("?"),
+                outcome.label().unwrap_or("ignored")
             );
         }
         if let Some(stats) = state.stats.get(rule) {

@@ -12,6 +12,12 @@ use mesh_shared::spec::{Checked, Duration, HeaderName, Integer, LocalResponseSpe
 
 use crate::config::{MAX_COUNT_WINDOW, MAX_MAX_BREAKERS};
 
+/// The JSON Schema of [`ConfigSpec`] (committed as `schemas/<filter>.schema.json`).
+#[cfg(feature = "schema")]
+pub fn schema() -> schemars::Schema {
+    mesh_shared::spec::schema_for::<ConfigSpec>()
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "schema", schemars(title = "circuit-breaker configuration"))]

@@ -65,14 +65,14 @@ mod filter {
     use mesh_shared::store::SharedStore;
     use proxy_wasm::hostcalls;
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
-    use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+    use proxy_wasm::types::{Action, ContextType, MapType};
 
     use crate::{parse, SHARED_VALUE_BYTES};
 
     const SHARED_KEY: &str = "hostcall-cost";
 
     proxy_wasm::main! {{
-        host::install_panic_hook("hostcall-cost");
+        host::init_logging("hostcall-cost");
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
             Box::new(Root { counter: Metric::counter("hostcall_cost_counter"), histogram: Metric::histogram("hostcall_cost_histogram") })
         });
@@ -141,7 +141,7 @@ mod filter {
                     "counter_increment" => self.counter.add(1),
                     "histogram_record" => self.histogram.record(u64::from(i)),
                     "current_time" => keep(HostClock.now_nanos()),
-                    "log_level" => keep(host::log_enabled(LogLevel::Debug)),
+                    "log_level" => keep(host::host_log_level()),
                     _ => {}
                 }
             }

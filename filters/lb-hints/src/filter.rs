@@ -11,14 +11,14 @@ use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, ContextType, MapType};
 
 use crate::{Balancer, Config, NoTarget, Pick};
 
 const FILTER: &str = "lb-hints";
 
 proxy_wasm::main! {{
-    host::install_panic_hook(FILTER);
+    host::init_logging(FILTER);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
         Box::new(Root { context_id, state: None })
     });
@@ -86,12 +86,9 @@ impl RootContext for Root {
                 )),
             })
             .collect();
-        host::log(
-            LogLevel::Info,
-            &format!(
-                "{FILTER}: configured {} rule(s)",
-                balancer.config.rules.len()
-            ),
+        log::info!(
+            "{FILTER}: configured {} rule(s)",
+            balancer.config.rules.len()
         );
         // Workers configure at nearly the same instant: mix in the context id
         // so their random streams differ.

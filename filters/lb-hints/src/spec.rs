@@ -12,6 +12,12 @@ use mesh_shared::spec::{Duration, HeaderName, Integer, LocalResponseSpec, Name, 
 
 use crate::config::MAX_WEIGHT;
 
+/// The JSON Schema of [`ConfigSpec`] (committed as `schemas/<filter>.schema.json`).
+#[cfg(feature = "schema")]
+pub fn schema() -> schemars::Schema {
+    mesh_shared::spec::schema_for::<ConfigSpec>()
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "schema", schemars(title = "lb-hints configuration"))]

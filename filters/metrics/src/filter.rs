@@ -9,14 +9,14 @@ use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 use crate::{Budget, Config, Define, Names, Registry};
 
 const FILTER: &str = "metrics";
 
 proxy_wasm::main! {{
-    host::install_panic_hook(FILTER);
+    host::init_logging(FILTER);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
 }}
 
@@ -82,16 +82,13 @@ impl RootContext for Root {
             .iter()
             .map(u64::to_string)
             .collect();
-        host::log(
-            LogLevel::Info,
-            &format!(
-                "{FILTER}: configured; {} has the configured buckets only with \
+        log::info!(
+            "{FILTER}: configured; {} has the configured buckets only with \
                  stats_config.histogram_bucket_settings \
                  [{{match: {{suffix: \"{}\"}}, buckets: [{}]}}]",
-                names.request_duration_ms,
-                names.request_duration_ms,
-                buckets.join(", ")
-            ),
+            names.request_duration_ms,
+            names.request_duration_ms,
+            buckets.join(", ")
         );
         let series_overflow = Metric::counter(&names.series_overflow_total);
         let budget = Budget::new(&scope, &config);

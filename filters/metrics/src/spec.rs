@@ -8,6 +8,12 @@ use mesh_shared::spec::{checked, Checked, HeaderName, Integer, NonEmptyList};
 
 use crate::config::{BUILTIN_LABELS, MAX_LABEL_VALUE_LEN, MAX_MAX_SERIES};
 
+/// The JSON Schema of [`ConfigSpec`] (committed as `schemas/<filter>.schema.json`).
+#[cfg(feature = "schema")]
+pub fn schema() -> schemars::Schema {
+    mesh_shared::spec::schema_for::<ConfigSpec>()
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "schema", schemars(title = "metrics configuration"))]
@@ -162,9 +168,11 @@ mod schema {
             "LabelName".into()
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            // Not starting with `__`, without a look-ahead: Helm checks
+            // values.schema.json with Go's regexp (RE2), which has none.
             json_schema!({
                 "type": "string",
-                "pattern": "^(?!__)[A-Za-z_][A-Za-z0-9_]*$",
+                "pattern": "^([A-Za-z][A-Za-z0-9_]*|_([A-Za-z0-9][A-Za-z0-9_]*)?)$",
                 "not": { "enum": BUILTIN_LABELS }
             })
         }

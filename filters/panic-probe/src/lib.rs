@@ -19,12 +19,12 @@ pub fn triggers(value: Option<&[u8]>) -> bool {
 mod filter {
     use mesh_shared::host;
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
-    use proxy_wasm::types::{Action, ContextType, LogLevel};
+    use proxy_wasm::types::{Action, ContextType};
 
     const FILTER: &str = "panic-probe";
 
     proxy_wasm::main! {{
-        host::install_panic_hook(FILTER);
+        host::init_logging(FILTER);
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
     }}
 
@@ -34,7 +34,7 @@ mod filter {
 
     impl RootContext for Root {
         fn on_configure(&mut self, _size: usize) -> bool {
-            host::log(LogLevel::Info, &format!("{FILTER}: configured"));
+            log::info!("{FILTER}: configured");
             true
         }
 

@@ -7,14 +7,14 @@ use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
 use crate::{Config, RateLimiter, Verdict};
 
 const FILTER: &str = "ratelimit";
 
 proxy_wasm::main! {{
-    host::install_panic_hook(FILTER);
+    host::init_logging(FILTER);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
 }}
 
@@ -98,12 +98,9 @@ impl RootContext for Root {
             .iter()
             .map(|r| RuleStats::define(&r.name))
             .collect();
-        host::log(
-            LogLevel::Info,
-            &format!(
-                "{FILTER}: configured {} rule(s)",
-                limiter.config.rules.len()
-            ),
+        log::info!(
+            "{FILTER}: configured {} rule(s)",
+            limiter.config.rules.len()
         );
         self.state = Some(Rc::new(State { limiter, stats }));
         true

@@ -229,10 +229,11 @@ pub fn load_config<T>(
         .and_then(|n| String::from_utf8(n).ok())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| filter.to_string());
+    refresh_log_level();
     match parse(&plugin_configuration(), &scope) {
         Ok(config) => Some(config),
         Err(e) => {
-            log(LogLevel::Error, &format!("{filter}: {e}"));
+            log::error!("{filter}: {e}");
             None
         }
     }
@@ -258,26 +259,45 @@ extern "C" {
     fn proxy_get_log_level(return_level: *mut u32) -> Status;
 }
 
-/// Whether Envoy would print a line at `level`: check before formatting one
-/// on a path that runs per request.
-pub fn log_enabled(level: LogLevel) -> bool {
+/// Envoy's log level for this module, asked of the host (one host call).
+pub fn host_log_level() -> Option<LogLevel> {
     let mut current = 0u32;
     // SAFETY: the pointer is valid for the call.
     match unsafe { proxy_get_log_level(&mut current) } {
-        Status::Ok => level as u32 >= current,
-        _ => false,
+        Status::Ok => Some(match current {
+            0 => LogLevel::Trace,
+            1 => LogLevel::Debug,
+            2 => LogLevel::Info,
+            3 => LogLevel::Warn,
+            4 => LogLevel::Error,
+            _ => LogLevel::Critical,
+        }),
+        _ => None,
     }
 }
 
-pub fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+/// Sets up logging through the `log` crate's macros with the SDK's logger,
+/// and the panic hook; call first in `proxy_wasm::main!`. Until the first
+/// `on_configure` reads Envoy's level, `info` and above are printed.
+pub fn init_logging(filter: &'static str) {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    // After set_log_level: its first call installs the SDK's own panic hook.
+    install_panic_hook(filter);
+}
+
+/// Caches Envoy's log level in `log`'s max level (read at each configure), so
+/// `log::log_enabled!` on the request path costs no host call.
+pub fn refresh_log_level() {
+    if let Some(level) = host_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
 }
 
 /// Logs any panic at critical level (with the filter's name) before the VM aborts,
 /// so the reason is in Envoy's log next to the failure policy's effect.
-pub fn install_panic_hook(filter: &'static str) {
+fn install_panic_hook(filter: &'static str) {
     std::panic::set_hook(Box::new(move |info| {
-        log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
+        let _ = hostcalls::log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
     }));
 }
 

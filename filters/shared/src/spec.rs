@@ -19,12 +19,27 @@ use crate::config::{ConfigError, LocalResponse};
 /// anything else must be a JSON object.
 /// serde_json's recursion limit (128) stays on: a hostile nesting is refused.
 pub fn parse<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, ConfigError> {
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::at(
+            "",
+            format!(
+                "{} bytes; at most {MAX_CONFIG_BYTES} bytes are read",
+                bytes.len()
+            ),
+        ));
+    }
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         None => parse_fragment(b"{}"),
         Some(b'{') => parse_fragment(bytes),
         Some(_) => Err(ConfigError::at("", format!("expected a JSON object{HINT}"))),
     }
 }
+
+/// Real configurations are a few KiB; a larger one is refused before parsing.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
+/// Error messages quote the bad value; a hostile one is cut to this many bytes.
+const MAX_MESSAGE_BYTES: usize = 300;
 
 const HINT: &str = " (the configuration must be a JSON object; in Envoy YAML pass it as a \
                     google.protobuf.StringValue, not a Struct)";
@@ -48,6 +63,14 @@ fn error_of(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
     let position = format!(" at line {} column {}", inner.line(), inner.column());
     if let Some(stripped) = message.strip_suffix(&position) {
         message.truncate(stripped.len());
+    }
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
     }
     ConfigError {
         path: if path == "." { String::new() } else { path },
@@ -323,6 +346,21 @@ pub fn unique_names<'a>(
 
 #[cfg(feature = "schema")]
 mod schema;
+#[cfg(feature = "schema")]
+pub use schema::{DURATION_PATTERN, HEADER_NAME_PATTERN};
+
+/// The JSON Schema (2020-12) of a filter's configuration spec type `T`.
+/// Optional fields are simply not required: the filters read a `null` as
+/// absent, but the schema does not offer it.
+#[cfg(feature = "schema")]
+pub fn schema_for<T: schemars::JsonSchema>() -> schemars::Schema {
+    let schema = schemars::generate::SchemaSettings::draft2020_12()
+        .into_generator()
+        .into_root_schema_for::<T>();
+    let mut value = schema.to_value();
+    schema::drop_null(&mut value);
+    schemars::Schema::try_from(value).unwrap_or_default()
+}
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,43 @@ use std::borrow::Cow;
 
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
+use serde_json::Value;
+
 use super::{Duration, HeaderName, Integer, Name, NonEmpty, OneOrMany};
+
+/// Removes the `null` schemars offers for every `Option` field:
+/// `"type": [T, "null"]` becomes `"type": T`, `"anyOf": [S, {"type": "null"}]` becomes S.
+pub(crate) fn drop_null(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if let [only] = types.as_slice() {
+                    let only = only.clone();
+                    map.insert("type".into(), only);
+                }
+            }
+            if let Some(Value::Array(alternatives)) = map.get("anyOf") {
+                let null = serde_json::json!({ "type": "null" });
+                let kept: Vec<Value> = alternatives
+                    .iter()
+                    .filter(|a| **a != null)
+                    .cloned()
+                    .collect();
+                if let [Value::Object(only)] = kept.as_slice() {
+                    let only = only.clone();
+                    map.remove("anyOf");
+                    for (k, val) in only {
+                        map.entry(k).or_insert(val);
+                    }
+                }
+            }
+            map.values_mut().for_each(drop_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null),
+        _ => {}
+    }
+}
 
 /// What `crate::duration::parse_duration` accepts: one or more number+unit parts.
 pub const DURATION_PATTERN: &str =

@@ -118,3 +118,19 @@ fn hostile_nesting_is_refused_not_followed() {
     let e = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err();
     assert!(e.to_string().starts_with("recursion limit exceeded"), "{e}");
 }
+
+#[test]
+fn hostile_sizes_are_refused_and_not_echoed_in_full() {
+    let huge = format!(r#"{{"name": "{}"}}"#, "a".repeat(1 << 20));
+    assert_eq!(
+        err(&huge),
+        format!(
+            "configuration: {} bytes; at most 262144 bytes are read",
+            huge.len()
+        )
+    );
+    let big = format!(r#"{{"name": "{}"}}"#, "é".repeat(50_000));
+    let e = err(&big);
+    assert!(e.starts_with("name: \"éé"), "{e}");
+    assert!(e.len() < 400 && e.ends_with("..."), "{e}");
+}
