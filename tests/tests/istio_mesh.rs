@@ -103,14 +103,7 @@ fn run_istio() -> Result<Generated, String> {
     )?;
     eprintln!("go test: {:.0?}", started.elapsed());
 
-    let fetch = dir.join("istio-fetch");
-    output(
-        go_command()?
-            .current_dir(&module)
-            .args(["build", "-o"])
-            .arg(&fetch)
-            .arg("./cmd/istio-fetch"),
-    )?;
+    let fetch = mesh_testkit::istio::fetcher()?;
     let docker_ratelimit = pushed
         .lines()
         .find_map(|l| l.strip_prefix("pushed docker ratelimit "))

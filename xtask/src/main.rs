@@ -8,6 +8,8 @@
 //!   upstreams  run the demo's upstreams v1 (:8081) and v2 (:8082) until Ctrl-C (for docker compose / func-e)
 //!   schemas write schemas/<filter>.schema.json from the filters' config types
 //!   envoy   print the path of the Envoy binary the tests use (installing it if needed)
+//!   helm-schema  regenerate the filters' part of charts/mesh-filters/values.schema.json from schemas/
+//!   helm-render  render the Helm chart with its default and ci value files into target/helm/rendered/
 
 mod bench;
 mod build;
@@ -37,8 +39,11 @@ fn main() -> ExitCode {
         Some("upstreams") => demo::upstreams(),
         Some("schemas") => mesh_testkit::schemas::write_all(),
         Some("envoy") => mesh_testkit::envoy_binary().map(|p| println!("{}", p.display())),
+        Some("helm-schema") => helm_schema(),
+        Some("helm-render") => helm_render(),
         _ => Err(
-            "usage: cargo xtask build | test | demo | bench | push | upstreams | schemas | envoy"
+            "usage: cargo xtask build | test | demo | bench | push | upstreams | schemas | envoy \
+| helm-schema | helm-render"
                 .to_string(),
         ),
     };
@@ -49,6 +54,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn helm_schema() -> Result<(), String> {
+    let path = mesh_testkit::helm::values_schema_path();
+    if mesh_testkit::helm::write_values_schema()? {
+        println!("wrote {}", path.display());
+    } else {
+        println!("{} is up to date", path.display());
+    }
+    Ok(())
+}
+
+fn helm_render() -> Result<(), String> {
+    let dir = mesh_testkit::repo_root().join("target/helm/rendered");
+    for path in mesh_testkit::helm::render_value_files(&dir)? {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its description if it fails.

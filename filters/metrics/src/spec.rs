@@ -168,9 +168,11 @@ mod schema {
             "LabelName".into()
         }
         fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            // Not starting with `__`, without a look-ahead: Helm checks
+            // values.schema.json with Go's regexp (RE2), which has none.
             json_schema!({
                 "type": "string",
-                "pattern": "^(?!__)[A-Za-z_][A-Za-z0-9_]*$",
+                "pattern": "^([A-Za-z][A-Za-z0-9_]*|_([A-Za-z0-9][A-Za-z0-9_]*)?)$",
                 "not": { "enum": BUILTIN_LABELS }
             })
         }
