@@ -424,8 +424,17 @@ fn readme_field_tables_match_the_schemas() {
                 Some(cell.trim_matches('`').to_string())
             })
             .collect();
-        let top = properties_at(&root, &[]);
-        let rule = properties_at(&root, &["rules"]);
+        // A table of one block's fields (`global.service`, ...) covers that
+        // block; the other tables cover a rule and the top level.
+        let block = fields
+            .first()
+            .and_then(|f| f.split_once('.'))
+            .map(|(b, _)| b.to_string())
+            .filter(|b| fields.iter().all(|f| f.starts_with(&format!("{b}."))));
+        let (top, rule) = match &block {
+            Some(b) => (Vec::new(), properties_at(&root, &["rules", b])),
+            None => (properties_at(&root, &[]), properties_at(&root, &["rules"])),
+        };
         for field in &fields {
             let parts: Vec<&str> = field.split('.').collect();
             let (last, parents) = parts.split_last().unwrap();
@@ -438,9 +447,13 @@ fn readme_field_tables_match_the_schemas() {
             );
         }
         let named = |name: &str| {
+            let name = match &block {
+                Some(b) => format!("{b}.{name}"),
+                None => name.to_string(),
+            };
             fields
                 .iter()
-                .any(|f| f == name || f.starts_with(&format!("{name}.")))
+                .any(|f| *f == name || f.starts_with(&format!("{name}.")))
         };
         for name in rule.iter().chain(top.iter().filter(|n| *n != "rules")) {
             assert!(
