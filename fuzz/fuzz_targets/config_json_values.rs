@@ -7,7 +7,7 @@ use mesh_shared::store::MemoryStore;
 
 fn parse_all(bytes: &[u8]) {
     if let Ok(config) = ratelimit::Config::parse(bytes, "fuzz") {
-        if config.rules.iter().map(|r| r.table.max_keys()).sum::<u64>() <= 4096 {
+        if config.table_slots() <= 4096 {
             ratelimit::RateLimiter::new(config).create_tables(&MemoryStore::new());
         }
     }

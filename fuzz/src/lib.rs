@@ -145,7 +145,9 @@ pub const KEYS: &[&str] = &[
     "targets", "weight", "cluster", "algorithm", "sticky", "override", "steps", "after",
     "weights", "avoid_open_circuits", "no_target", "prefix", "labels", "method",
     "status_code", "status_class", "custom", "allowed", "other", "duration_buckets_ms",
-    "max_series",
+    "max_series", "half_open_policy", "max_wait_in_half_open", "global", "service", "domain",
+    "timeout", "failure_mode", "failure_response", "analysis", "canary", "interval", "min_calls",
+    "max_failure_rate_percent", "max_slow_rate_percent", "failure_limit",
 ];
 
 /// String values the configurations know (keywords, durations, names).

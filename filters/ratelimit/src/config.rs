@@ -83,6 +83,19 @@ pub enum HeaderStyle {
 }
 
 impl Config {
+    /// Shared-data slots the tables of every rule take (local buckets and
+    /// remembered global answers): what `create_tables` writes.
+    pub fn table_slots(&self) -> u64 {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                let local = r.local.as_ref().map(|l| l.table.max_keys());
+                let global = r.global.as_ref().map(|g| g.remembered.max_keys());
+                local.into_iter().chain(global)
+            })
+            .sum()
+    }
+
     /// Parses the plugin configuration. `scope` names this filter instance in
     /// shared-data keys (the Envoy plugin name), so two instances with the
     /// same `vm_id` and different names never share buckets.
