@@ -6,14 +6,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use mesh_shared::clock::Clock;
-use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
+use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric, OutcomeCounters};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::{
-    Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Transition, Verdict,
-};
+use crate::{Call, Change, CircuitBreaker, Config, Response, Slot, Summary, Transition, Verdict};
 
 const FILTER: &str = "circuit-breaker";
 
@@ -28,29 +26,20 @@ struct RuleStats {
     open_breakers: Metric,
     opened: Metric,
     rejected: Metric,
-    success: Metric,
-    failure: Metric,
-    slow: Metric,
+    /// `mesh_circuit_calls_total{rule, outcome}`.
+    calls: OutcomeCounters,
     overflow: Metric,
 }
 
 impl RuleStats {
     fn define(rule: &str) -> RuleStats {
         let tags = [("rule", rule)];
-        let calls = |outcome: &str| {
-            Metric::counter(&stat_name(
-                "mesh_circuit_calls_total",
-                &[("rule", rule), ("outcome", outcome)],
-            ))
-        };
         RuleStats {
             state: Metric::gauge(&stat_name("mesh_circuit_state", &tags)),
             open_breakers: Metric::gauge(&stat_name("mesh_circuit_open_breakers", &tags)),
             opened: Metric::counter(&stat_name("mesh_circuit_opened_total", &tags)),
             rejected: Metric::counter(&stat_name("mesh_circuit_rejected_total", &tags)),
-            success: calls("success"),
-            failure: calls("failure"),
-            slow: calls("slow"),
+            calls: OutcomeCounters::define("mesh_circuit_calls_total", rule),
             overflow: Metric::counter(&stat_name("mesh_circuit_overflow_total", &tags)),
         }
     }
@@ -58,16 +47,6 @@ impl RuleStats {
     fn show(&self, summary: Summary) {
         self.state.record(summary.worst() as u64);
         self.open_breakers.record(u64::from(summary.open));
-    }
-
-    fn count(&self, outcome: Outcome) {
-        let metric = match outcome {
-            Outcome::Success => self.success,
-            Outcome::Slow => self.slow,
-            Outcome::Failure { .. } => self.failure,
-            Outcome::Ignored => return,
-        };
-        metric.add(1);
     }
 }
 
@@ -212,7 +191,7 @@ impl Http {
             );
         }
         if let Some(stats) = state.stats.get(rule) {
-            stats.count(outcome);
+            stats.calls.count(outcome);
         }
         for change in &changes {
             state.report(change);

@@ -7,13 +7,13 @@ use std::rc::Rc;
 
 use mesh_shared::clock::Clock;
 use mesh_shared::hash::hash64;
-use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric};
+use mesh_shared::host::{self, HostClock, HostRequest, HostStore, Metric, OutcomeCounters};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, MapType};
 
-use mesh_shared::outcome::{Outcome, Response};
+use mesh_shared::outcome::Response;
 
 use crate::canary::{self, Change, Phase, Verdict};
 use crate::{Balancer, Config, NoTarget, Pick};
@@ -45,22 +45,14 @@ struct CanaryStats {
     step: Metric,
     /// `mesh_lb_canary_rollbacks_total{rule}`.
     rollbacks: Metric,
-    /// `mesh_lb_canary_calls_total{rule, outcome}`: success, slow, failure.
-    success: Metric,
-    slow: Metric,
-    failure: Metric,
+    /// `mesh_lb_canary_calls_total{rule, outcome}`.
+    calls: OutcomeCounters,
     /// What this worker last wrote into the gauges (phase, step).
     shown: Cell<Option<(Phase, u32)>>,
 }
 
 impl CanaryStats {
     fn new(rule: &str) -> CanaryStats {
-        let calls = |outcome: &str| {
-            Metric::counter(&stat_name(
-                "mesh_lb_canary_calls_total",
-                &[("rule", rule), ("outcome", outcome)],
-            ))
-        };
         CanaryStats {
             state: Metric::gauge(&stat_name("mesh_lb_canary_state", &[("rule", rule)])),
             step: Metric::gauge(&stat_name("mesh_lb_canary_step", &[("rule", rule)])),
@@ -68,9 +60,7 @@ impl CanaryStats {
                 "mesh_lb_canary_rollbacks_total",
                 &[("rule", rule)],
             )),
-            success: calls("success"),
-            slow: calls("slow"),
-            failure: calls("failure"),
+            calls: OutcomeCounters::define("mesh_lb_canary_calls_total", rule),
             shown: Cell::new(None),
         }
     }
@@ -83,16 +73,6 @@ impl CanaryStats {
             self.step.record(u64::from(state.step));
             self.shown.set(Some(now));
         }
-    }
-
-    fn count(&self, outcome: Outcome) {
-        let metric = match outcome {
-            Outcome::Success => self.success,
-            Outcome::Slow => self.slow,
-            Outcome::Failure { .. } => self.failure,
-            Outcome::Ignored => return,
-        };
-        metric.add(1);
     }
 }
 
@@ -245,7 +225,7 @@ impl Http {
         let state = Rc::clone(&self.state);
         let outcome = state.balancer.classify(rule, response);
         if let Some(c) = state.stats.get(rule).and_then(|s| s.canary.as_ref()) {
-            c.count(outcome);
+            c.calls.count(outcome);
         }
         if let Some(change) = state.balancer.record(&HostStore, rule, outcome, now) {
             state.report(rule, &change);

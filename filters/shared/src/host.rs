@@ -12,7 +12,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType, Status};
 
 use crate::clock::Clock;
+use crate::outcome::Outcome;
 use crate::request::{host_without_port, ip_without_port, path_without_query, Attribute, Request};
+use crate::stats::stat_name;
 use crate::store::{Conflict, SharedStore};
 
 #[link(wasm_import_module = "env")]
@@ -299,6 +301,39 @@ fn install_panic_hook(filter: &'static str) {
     std::panic::set_hook(Box::new(move |info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("{filter}: panic: {info}"));
     }));
+}
+
+/// The `<name>{rule, outcome}` counters of upstream calls by outcome
+/// (`success`, `slow`, `failure`; an ignored call is not counted), as
+/// circuit-breaker and lb-hints' canary analysis publish them.
+#[derive(Debug, Clone, Copy)]
+pub struct OutcomeCounters {
+    success: Metric,
+    slow: Metric,
+    failure: Metric,
+}
+
+impl OutcomeCounters {
+    pub fn define(name: &str, rule: &str) -> OutcomeCounters {
+        let counter = |outcome: &str| {
+            Metric::counter(&stat_name(name, &[("rule", rule), ("outcome", outcome)]))
+        };
+        OutcomeCounters {
+            success: counter("success"),
+            slow: counter("slow"),
+            failure: counter("failure"),
+        }
+    }
+
+    pub fn count(self, outcome: Outcome) {
+        let metric = match outcome {
+            Outcome::Success => self.success,
+            Outcome::Slow => self.slow,
+            Outcome::Failure { .. } => self.failure,
+            Outcome::Ignored => return,
+        };
+        metric.add(1);
+    }
 }
 
 /// A metric defined once (at configure time) and updated by id afterwards.
