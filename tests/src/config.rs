@@ -53,6 +53,54 @@ pub fn wasm_path(filter: &str) -> PathBuf {
     path
 }
 
+/// How a test runs our four filters: as separate modules, each its own
+/// filter (`Chain`), or as the one `suite` module holding them all (`Suite`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Chain,
+    Suite,
+}
+
+/// The four filters in the suite's fixed order: (module, part name in the
+/// suite's config).
+pub const SUITE_PARTS: [(&str, &str); 4] = [
+    ("metrics", "metrics"),
+    ("ratelimit", "ratelimit"),
+    ("lb-hints", "lb_hints"),
+    ("circuit-breaker", "circuit_breaker"),
+];
+
+/// The suite's part name of one of the four modules.
+pub fn suite_part(module: &str) -> Option<&'static str> {
+    SUITE_PARTS
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, part)| *part)
+}
+
+impl Form {
+    /// The module whose log lines carry the errors of `module`'s config.
+    pub fn logger(self, module: &str) -> &str {
+        match self {
+            Form::Suite if suite_part(module).is_some() => "suite",
+            _ => module,
+        }
+    }
+
+    /// A config error line as the chain logs it (`ratelimit: rules[0].x: ...`)
+    /// in this form (`suite: ratelimit.rules[0].x: ...`).
+    pub fn error_line(self, chain_line: &str) -> String {
+        if self == Form::Suite {
+            for (module, part) in SUITE_PARTS {
+                if let Some(rest) = chain_line.strip_prefix(&format!("{module}: ")) {
+                    return format!("suite: {part}.{rest}");
+                }
+            }
+        }
+        chain_line.to_string()
+    }
+}
+
 /// One Envoy Wasm HTTP filter running one of our modules.
 #[derive(Debug, Clone)]
 pub struct WasmFilter {
@@ -93,6 +141,53 @@ impl WasmFilter {
         self
     }
 
+    /// This filter in `form`: in the suite form one of the four becomes a
+    /// suite filter holding only its part.
+    pub fn in_form(self, form: Form) -> WasmFilter {
+        if form == Form::Suite && suite_part(&self.module).is_some() {
+            WasmFilter::suite(&[self])
+        } else {
+            self
+        }
+    }
+
+    /// One suite filter for consecutive filters of the four modules: each
+    /// one's config under its part name, in the suite's order. Panics on what
+    /// the suite cannot express (a test that needs it stays chain-only).
+    pub fn suite(filters: &[WasmFilter]) -> WasmFilter {
+        let first = &filters[0];
+        let default_vm_id = |f: &WasmFilter| f.vm_id == format!("mesh-{}", f.module);
+        assert!(
+            filters
+                .iter()
+                .all(|f| f.failure_policy == first.failure_policy)
+                && (filters.iter().all(default_vm_id)
+                    || filters.iter().all(|f| f.vm_id == first.vm_id)),
+            "per-filter vm_id or failure_policy: this test needs the chain form"
+        );
+        let mut parts = Vec::new();
+        for (module, part) in SUITE_PARTS {
+            let mut of_module = filters.iter().filter(|f| f.module == module);
+            let Some(f) = of_module.next() else { continue };
+            assert!(
+                of_module.next().is_none(),
+                "the suite holds one {module}: this test needs the chain form"
+            );
+            assert!(
+                f.name == f.module && f.root_id == f.module,
+                "{module} has its own plugin name: this test needs the chain form"
+            );
+            let config = if f.config.trim().is_empty() {
+                "{}"
+            } else {
+                f.config.trim()
+            };
+            parts.push(format!("{}: {config}", json_string(part)));
+        }
+        WasmFilter::new("suite", &format!("{{{}}}", parts.join(", ")))
+            .failure_policy(&first.failure_policy)
+    }
+
     /// The `http_filters` entry.
     pub fn json(&self) -> String {
         format!(
@@ -114,18 +209,45 @@ impl WasmFilter {
     }
 }
 
+/// An `http_filters` entry before the router.
+#[derive(Debug, Clone)]
+enum HttpFilter {
+    Wasm(WasmFilter),
+    Json(String),
+}
+
 /// A bootstrap with one listener named `main`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Bootstrap {
+    form: Form,
     extra_tags: Vec<String>,
-    filters: Vec<String>,
+    filters: Vec<HttpFilter>,
     routes: Vec<String>,
     clusters: Vec<String>,
 }
 
+impl Default for Bootstrap {
+    fn default() -> Self {
+        Bootstrap::new()
+    }
+}
+
 impl Bootstrap {
+    /// A bootstrap in the chain form.
     pub fn new() -> Self {
-        Self::default()
+        Bootstrap::in_form(Form::Chain)
+    }
+
+    /// A bootstrap in `form`: in the suite form the consecutive filters of
+    /// the four modules become one suite filter (see `WasmFilter::suite`).
+    pub fn in_form(form: Form) -> Self {
+        Bootstrap {
+            form,
+            extra_tags: Vec::new(),
+            filters: Vec::new(),
+            routes: Vec::new(),
+            clusters: Vec::new(),
+        }
     }
 
     /// More `stats_tags` (e.g. a metrics filter's custom label names).
@@ -135,7 +257,7 @@ impl Bootstrap {
     }
 
     pub fn wasm(mut self, filter: WasmFilter) -> Self {
-        self.filters.push(filter.json());
+        self.filters.push(HttpFilter::Wasm(filter));
         self
     }
 
@@ -157,7 +279,7 @@ impl Bootstrap {
 
     /// Any other `http_filters` entry, as JSON.
     pub fn filter_json(mut self, json: &str) -> Self {
-        self.filters.push(json.to_string());
+        self.filters.push(HttpFilter::Json(json.to_string()));
         self
     }
 
@@ -248,6 +370,43 @@ impl Bootstrap {
         self
     }
 
+    /// The `http_filters` entries before the router, in this bootstrap's form.
+    fn filters_json(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut run: Vec<WasmFilter> = Vec::new();
+        let mut suites = 0;
+        let mut end_run = |run: &mut Vec<WasmFilter>, out: &mut Vec<String>| {
+            if !run.is_empty() {
+                suites += 1;
+                assert!(
+                    suites == 1,
+                    "a filter between two of the four: this test needs the chain form"
+                );
+                out.push(WasmFilter::suite(run).json());
+                run.clear();
+            }
+        };
+        for filter in &self.filters {
+            match filter {
+                HttpFilter::Wasm(f)
+                    if self.form == Form::Suite && suite_part(&f.module).is_some() =>
+                {
+                    run.push(f.clone())
+                }
+                HttpFilter::Wasm(f) => {
+                    end_run(&mut run, &mut out);
+                    out.push(f.json());
+                }
+                HttpFilter::Json(json) => {
+                    end_run(&mut run, &mut out);
+                    out.push(json.clone());
+                }
+            }
+        }
+        end_run(&mut run, &mut out);
+        out
+    }
+
     pub fn yaml(&self) -> String {
         let tags: Vec<String> = STAT_TAGS
             .iter()
@@ -260,7 +419,7 @@ impl Bootstrap {
                 )
             })
             .collect();
-        let mut filters = self.filters.clone();
+        let mut filters = self.filters_json();
         filters.push(
             r#"{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}"#
                 .to_string(),
@@ -291,5 +450,56 @@ impl Bootstrap {
             filters = filters.join(",\n  "),
             clusters = self.clusters.join(",\n  "),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_suite_form_holds_each_config_under_its_part_in_the_suites_order() {
+        let chain = [
+            WasmFilter::new("circuit-breaker", r#"{"rules": []}"#).vm_id("shared"),
+            WasmFilter::new("metrics", "").vm_id("shared"),
+            WasmFilter::new("lb-hints", r#" {"rules": [1]} "#).vm_id("shared"),
+        ];
+        let suite = WasmFilter::suite(&chain);
+        assert_eq!(suite.module, "suite");
+        assert_eq!(
+            suite.config,
+            r#"{"metrics": {}, "lb_hints": {"rules": [1]}, "circuit_breaker": {"rules": []}}"#
+        );
+    }
+
+    #[test]
+    fn what_the_suite_cannot_express_is_refused() {
+        let twice = [
+            WasmFilter::new("lb-hints", "{}"),
+            WasmFilter::new("lb-hints", "{}"),
+        ];
+        assert!(std::panic::catch_unwind(|| WasmFilter::suite(&twice)).is_err());
+        let policies = [
+            WasmFilter::new("ratelimit", "{}"),
+            WasmFilter::new("metrics", "{}").failure_policy("FAIL_OPEN"),
+        ];
+        assert!(std::panic::catch_unwind(|| WasmFilter::suite(&policies)).is_err());
+        let between = Bootstrap::in_form(Form::Suite)
+            .wasm(WasmFilter::new("lb-hints", "{}"))
+            .filter_json("{}")
+            .wasm(WasmFilter::new("circuit-breaker", "{}"));
+        assert!(std::panic::catch_unwind(|| between.filters_json()).is_err());
+    }
+
+    #[test]
+    fn config_errors_get_the_suites_prefix_and_the_part() {
+        let line = "lb-hints: rules[0].weight: expected an integer";
+        assert_eq!(Form::Chain.error_line(line), line);
+        assert_eq!(
+            Form::Suite.error_line(line),
+            "suite: lb_hints.rules[0].weight: expected an integer"
+        );
+        assert_eq!(Form::Suite.logger("circuit-breaker"), "suite");
+        assert_eq!(Form::Suite.logger("panic-probe"), "panic-probe");
     }
 }

@@ -422,9 +422,16 @@ fn split_labels(s: &str) -> Vec<String> {
 /// path and why), and Envoy exiting non-zero (a static config with a refused
 /// plugin never starts).
 pub fn assert_config_refused(filter: &str, config: &str, expected: &str) {
+    assert_config_refused_in(crate::Form::Chain, filter, config, expected)
+}
+
+/// `assert_config_refused` in `form`: `expected` is the line as the chain
+/// logs it; in the suite form it is the suite's (`suite: <part>.<path>: ...`).
+pub fn assert_config_refused_in(form: crate::Form, filter: &str, config: &str, expected: &str) {
+    let expected = &form.error_line(expected);
     let upstream = crate::Upstream::start("backend");
     let failure = Envoy::start_with(
-        &crate::Bootstrap::new()
+        &crate::Bootstrap::in_form(form)
             .wasm(crate::WasmFilter::new(filter, config))
             .route("open", "/", "backend")
             .cluster("backend", upstream.port())
@@ -433,7 +440,7 @@ pub fn assert_config_refused(filter: &str, config: &str, expected: &str) {
     )
     .err()
     .unwrap_or_else(|| panic!("Envoy started with a bad config: {config}"));
-    let marker = format!("{filter}: ");
+    let marker = format!("{}: ", form.logger(filter));
     let error_lines: Vec<&str> = failure
         .log
         .lines()

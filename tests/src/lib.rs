@@ -32,9 +32,29 @@ pub mod upstream;
 
 use std::path::PathBuf;
 
-pub use config::{json_string, wasm_path, Bootstrap, WasmFilter};
+pub use config::{json_string, wasm_path, Bootstrap, Form, WasmFilter};
 pub use envoy::{envoy_binary, Envoy, StartFailure};
 pub use upstream::{Behaviour, Upstream};
+
+/// Runs one test body in both forms: `both_forms!(name);` in place of
+/// `#[test]` above `fn name(form: Form)` makes the tests `name::chain` and
+/// `name::suite`, which call it with `Form::Chain` and `Form::Suite`.
+#[macro_export]
+macro_rules! both_forms {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn chain() {
+                super::$name($crate::Form::Chain)
+            }
+
+            #[test]
+            fn suite() {
+                super::$name($crate::Form::Suite)
+            }
+        }
+    )+};
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{both_forms, Behaviour, Bootstrap, Envoy, Form, Upstream, WasmFilter};
 
 /// Routes on `x-mesh-target`: `v1`, `v2`, anything else 421.
 fn routed(bootstrap: Bootstrap, v1: &Upstream, v2: &Upstream) -> Bootstrap {
@@ -42,10 +42,10 @@ struct Setup {
     v2: Upstream,
 }
 
-fn start(config: &str) -> Setup {
+fn start(form: Form, config: &str) -> Setup {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), &v1, &v2)
+        &routed(Bootstrap::in_form(form), &v1, &v2)
             .wasm(WasmFilter::new("lb-hints", config))
             .yaml(),
     );
@@ -140,13 +140,16 @@ fn fresh_requests(s: &Setup, n: usize) -> (u64, u64) {
     (s.v1.requests() - v1, s.v2.requests() - v2)
 }
 
-#[test]
-fn a_healthy_canary_walks_through_every_step_to_its_last_weights() {
-    let s = start(&rollout(
-        r#"[{"after": "2s", "weights": {"v1": 50, "v2": 50}},
+both_forms!(a_healthy_canary_walks_through_every_step_to_its_last_weights);
+fn a_healthy_canary_walks_through_every_step_to_its_last_weights(form: Form) {
+    let s = start(
+        form,
+        &rollout(
+            r#"[{"after": "2s", "weights": {"v1": 50, "v2": 50}},
             {"after": "4s", "weights": {"v1": 0, "v2": 100}}]"#,
-        r#""interval": "1s", "min_calls": 5"#,
-    ));
+            r#""interval": "1s", "min_calls": 5"#,
+        ),
+    );
     let traffic = Traffic::start(s.envoy.port(), 3, Duration::from_millis(5));
     let mut steps_seen = Vec::new();
     let promoted = wait_until(Duration::from_secs(60), || {
@@ -185,13 +188,15 @@ fn a_healthy_canary_walks_through_every_step_to_its_last_weights() {
 /// file changes the filter's configuration in the running Envoy (same
 /// process, same shared data), as a control plane's update would.
 struct DynamicFilter {
+    form: Form,
     path: PathBuf,
     version: u32,
 }
 
 impl DynamicFilter {
-    fn new(dir: &Path) -> DynamicFilter {
+    fn new(form: Form, dir: &Path) -> DynamicFilter {
         DynamicFilter {
+            form,
             path: dir.join("lb-hints-ecds.json"),
             version: 0,
         }
@@ -210,7 +215,9 @@ impl DynamicFilter {
     /// watches for the file being moved into place).
     fn set(&mut self, config: &str) {
         self.version += 1;
-        let filter = WasmFilter::new("lb-hints", config).json();
+        let filter = WasmFilter::new("lb-hints", config)
+            .in_form(self.form)
+            .json();
         // A TypedExtensionConfig is the http_filters entry with its type.
         let resource = filter.replacen(
             '{',
@@ -247,19 +254,19 @@ fn reconfigure(s: &Setup, filter: &mut DynamicFilter, config: &str) {
     );
 }
 
-#[test]
-fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_workers() {
+both_forms!(a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_workers);
+fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_workers(form: Form) {
     const INTERVAL: Duration = Duration::from_secs(2);
     let dir = std::env::temp_dir().join(format!("mesh-canary-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let steps = r#"[{"after": "1m", "weights": {"v1": 50, "v2": 50}}]"#;
     let analysis = r#""interval": "2s", "min_calls": 20, "max_failure_rate_percent": 5"#;
-    let mut filter = DynamicFilter::new(&dir);
+    let mut filter = DynamicFilter::new(form, &dir);
     filter.set(&rollout(steps, analysis));
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     v2.fail_share(30);
     // Filesystem subscriptions need the node's id and cluster.
-    let yaml = routed(Bootstrap::new(), &v1, &v2)
+    let yaml = routed(Bootstrap::in_form(form), &v1, &v2)
         .filter_json(&filter.entry())
         .yaml()
         .replacen(
@@ -359,12 +366,15 @@ fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_w
     let _ = fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn an_interval_with_too_few_canary_calls_neither_advances_nor_fails() {
-    let s = start(&rollout(
-        r#"[{"after": "1s", "weights": {"v1": 50, "v2": 50}}]"#,
-        r#""interval": "1s", "min_calls": 1000"#,
-    ));
+both_forms!(an_interval_with_too_few_canary_calls_neither_advances_nor_fails);
+fn an_interval_with_too_few_canary_calls_neither_advances_nor_fails(form: Form) {
+    let s = start(
+        form,
+        &rollout(
+            r#"[{"after": "1s", "weights": {"v1": 50, "v2": 50}}]"#,
+            r#""interval": "1s", "min_calls": 1000"#,
+        ),
+    );
     s.v2.fail_share(100);
     let traffic = Traffic::start(s.envoy.port(), 2, Duration::from_millis(10));
     // Several intervals and the step's `after` pass.
@@ -389,12 +399,15 @@ fn an_interval_with_too_few_canary_calls_neither_advances_nor_fails() {
     assert_eq!(to_v2, 10);
 }
 
-#[test]
-fn slow_canary_calls_above_the_slow_threshold_roll_back_like_failures() {
-    let s = start(&rollout(
-        r#"[{"after": "1m", "weights": {"v1": 50, "v2": 50}}]"#,
-        r#""interval": "1s", "min_calls": 5, "slow_call": "150ms", "max_slow_rate_percent": 20"#,
-    ));
+both_forms!(slow_canary_calls_above_the_slow_threshold_roll_back_like_failures);
+fn slow_canary_calls_above_the_slow_threshold_roll_back_like_failures(form: Form) {
+    let s = start(
+        form,
+        &rollout(
+            r#"[{"after": "1m", "weights": {"v1": 50, "v2": 50}}]"#,
+            r#""interval": "1s", "min_calls": 5, "slow_call": "150ms", "max_slow_rate_percent": 20"#,
+        ),
+    );
     s.v2.set_behaviour(Behaviour {
         delay: Duration::from_millis(250),
         ..Behaviour::default()
@@ -413,9 +426,10 @@ fn slow_canary_calls_above_the_slow_threshold_roll_back_like_failures() {
     assert_eq!(fresh_requests(&s, 100), (100, 0));
 }
 
-#[test]
-fn a_bad_analysis_is_refused_with_the_json_path_and_envoy_does_not_start() {
-    mesh_testkit::envoy::assert_config_refused(
+both_forms!(a_bad_analysis_is_refused_with_the_json_path_and_envoy_does_not_start);
+fn a_bad_analysis_is_refused_with_the_json_path_and_envoy_does_not_start(form: Form) {
+    mesh_testkit::envoy::assert_config_refused_in(
+        form,
         "lb-hints",
         &rollout(
             r#"[{"after": "1m", "weights": {"v2": 50}}]"#,
@@ -423,7 +437,8 @@ fn a_bad_analysis_is_refused_with_the_json_path_and_envoy_does_not_start() {
         ),
         "lb-hints: rules[0].analysis.interval: must be longer than 0s",
     );
-    mesh_testkit::envoy::assert_config_refused(
+    mesh_testkit::envoy::assert_config_refused_in(
+        form,
         "lb-hints",
         &rollout(
             r#"[{"after": "1m", "weights": {"v2": 50}}]"#,

@@ -2,17 +2,19 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_testkit::envoy::assert_config_refused;
+use mesh_testkit::envoy::assert_config_refused_in;
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{concurrent_gets, Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{
+    both_forms, concurrent_gets, Behaviour, Bootstrap, Envoy, Form, Upstream, WasmFilter,
+};
 
 /// Envoy with one circuit-breaker filter configured with `config`; routes
 /// `payments` (/payments), `timeout` (/timeout, route timeout 500ms) and
 /// `open` (everything else), all to one upstream.
-fn envoy_with(config: &str) -> (Envoy, Upstream) {
+fn envoy_with(form: Form, config: &str) -> (Envoy, Upstream) {
     let upstream = Upstream::start("backend");
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new("circuit-breaker", config))
             .route("payments", "/payments", "backend")
             .route_with("timeout", "/timeout", "backend", r#""timeout": "0.5s""#)
@@ -66,9 +68,9 @@ const PAYMENTS: &str = r#"{"rules": [{
     "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
     "open_for": "1h", "half_open_calls": 3}]}"#;
 
-#[test]
-fn a_failing_upstream_opens_the_breaker_and_the_next_100_never_reach_it() {
-    let (envoy, upstream) = envoy_with(PAYMENTS);
+both_forms!(a_failing_upstream_opens_the_breaker_and_the_next_100_never_reach_it);
+fn a_failing_upstream_opens_the_breaker_and_the_next_100_never_reach_it(form: Form) {
+    let (envoy, upstream) = envoy_with(form, PAYMENTS);
     upstream.set_behaviour(failing());
     let mut c = Client::new(envoy.port());
     for i in 0..10 {
@@ -125,9 +127,9 @@ const PROBING: &str = r#"{"rules": [{
     "window": {"kind": "count", "size": 20}, "minimum_calls": 10, "failure_rate_percent": 50,
     "open_for": "2s", "half_open_calls": 3}]}"#;
 
-#[test]
-fn half_open_lets_exactly_the_probes_through_then_closes_when_they_succeed() {
-    let (envoy, upstream) = envoy_with(PROBING);
+both_forms!(half_open_lets_exactly_the_probes_through_then_closes_when_they_succeed);
+fn half_open_lets_exactly_the_probes_through_then_closes_when_they_succeed(form: Form) {
+    let (envoy, upstream) = envoy_with(form, PROBING);
     // The probes take 5s, so all 20 requests arrive while they are in flight.
     open_then_wait(&envoy, &upstream, Duration::from_secs(5));
     let before = upstream.requests();
@@ -182,12 +184,12 @@ fn four_at_once(envoy: &Envoy, failing: usize) -> Vec<http::Response> {
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
-#[test]
-fn four_probes_at_50_percent_one_failure_closes_two_open() {
+both_forms!(four_probes_at_50_percent_one_failure_closes_two_open);
+fn four_probes_at_50_percent_one_failure_closes_two_open(form: Form) {
     // Resilience4j's rule (the default): once all probes have answered, their
     // failure rate decides. 1 of 4 is 25% (< 50%): closed; 2 of 4: open again.
     for (failing, closes) in [(1, true), (2, false)] {
-        let (envoy, upstream) = envoy_with(FOUR_PROBES);
+        let (envoy, upstream) = envoy_with(form, FOUR_PROBES);
         open_then_wait(&envoy, &upstream, Duration::ZERO);
         let before = upstream.requests();
         let probes = four_at_once(&envoy, failing);
@@ -231,12 +233,15 @@ fn four_probes_at_50_percent_one_failure_closes_two_open() {
     }
 }
 
-#[test]
-fn any_failure_policy_reopens_at_the_first_failed_probe() {
-    let (envoy, upstream) = envoy_with(&PROBING.replace(
-        r#""half_open_calls": 3"#,
-        r#""half_open_calls": 3, "half_open_policy": "any_failure""#,
-    ));
+both_forms!(any_failure_policy_reopens_at_the_first_failed_probe);
+fn any_failure_policy_reopens_at_the_first_failed_probe(form: Form) {
+    let (envoy, upstream) = envoy_with(
+        form,
+        &PROBING.replace(
+            r#""half_open_calls": 3"#,
+            r#""half_open_calls": 3, "half_open_policy": "any_failure""#,
+        ),
+    );
     open_then_wait(&envoy, &upstream, Duration::ZERO);
     let mut c = Client::new(envoy.port());
     let before = upstream.requests();
@@ -257,9 +262,10 @@ fn any_failure_policy_reopens_at_the_first_failed_probe() {
     assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(1.0));
 }
 
-#[test]
-fn upstream_resets_and_route_timeouts_count_as_failures() {
+both_forms!(upstream_resets_and_route_timeouts_count_as_failures);
+fn upstream_resets_and_route_timeouts_count_as_failures(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [
             {"name": "resets", "match": {"route": "payments"}, "consecutive_failures": 2, "open_for": "1h"},
             {"name": "timeouts", "match": {"route": "timeout"}, "consecutive_failures": 2, "open_for": "1h"}]}"#,
@@ -285,9 +291,10 @@ fn upstream_resets_and_route_timeouts_count_as_failures() {
     assert_eq!(upstream.requests(), 4);
 }
 
-#[test]
-fn a_slow_upstream_trips_the_slow_call_rule() {
+both_forms!(a_slow_upstream_trips_the_slow_call_rule);
+fn a_slow_upstream_trips_the_slow_call_rule(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "slow", "window": {"kind": "count", "size": 4}, "minimum_calls": 4,
             "slow_call": {"duration": "200ms", "rate_percent": 100}, "open_for": "1h"}]}"#,
     );
@@ -306,9 +313,10 @@ fn a_slow_upstream_trips_the_slow_call_rule() {
     assert_eq!(upstream.requests(), 4);
 }
 
-#[test]
-fn header_scope_keeps_tenants_apart() {
+both_forms!(header_scope_keeps_tenants_apart);
+fn header_scope_keeps_tenants_apart(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "tenants", "scope": {"header": "x-tenant"}, "consecutive_failures": 2, "open_for": "1h"}]}"#,
     );
     let mut c = Client::new(envoy.port());
@@ -336,9 +344,10 @@ fn header_scope_keeps_tenants_apart() {
     );
 }
 
-#[test]
-fn a_route_without_a_rule_is_untouched() {
+both_forms!(a_route_without_a_rule_is_untouched);
+fn a_route_without_a_rule_is_untouched(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "payments", "match": {"route": "payments"}, "consecutive_failures": 1, "open_for": "1h"}]}"#,
     );
     upstream.set_behaviour(failing());
@@ -351,9 +360,9 @@ fn a_route_without_a_rule_is_untouched() {
     assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(0.0));
 }
 
-#[test]
-fn the_state_gauge_follows_the_breaker_through_half_open() {
-    let (envoy, upstream) = envoy_with(PROBING);
+both_forms!(the_state_gauge_follows_the_breaker_through_half_open);
+fn the_state_gauge_follows_the_breaker_through_half_open(form: Form) {
+    let (envoy, upstream) = envoy_with(form, PROBING);
     open_then_wait(&envoy, &upstream, Duration::from_secs(5));
     assert_eq!(metric(&envoy, "mesh_circuit_state", "payments"), Some(1.0));
     // A probe in flight: half-open until it answers.
@@ -366,8 +375,8 @@ fn the_state_gauge_follows_the_breaker_through_half_open() {
     assert_eq!(probe.join().unwrap().status, 200);
 }
 
-#[test]
-fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
+both_forms!(bad_config_is_refused_with_the_json_path_and_envoy_does_not_start);
+fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start(form: Form) {
     let cases = [
         (
             r#"{"rules": [{"name": "a", "open_for": "soon"}]}"#,
@@ -383,13 +392,14 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         ),
     ];
     for (config, expected) in cases {
-        assert_config_refused("circuit-breaker", config, expected);
+        assert_config_refused_in(form, "circuit-breaker", config, expected);
     }
 }
 
-#[test]
-fn a_probe_whose_client_goes_away_gives_its_permit_back() {
+both_forms!(a_probe_whose_client_goes_away_gives_its_permit_back);
+fn a_probe_whose_client_goes_away_gives_its_permit_back(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "payments", "match": {"route": "payments"}, "consecutive_failures": 1,
             "open_for": "2s", "half_open_calls": 1}]}"#,
     );
@@ -426,11 +436,11 @@ fn a_probe_whose_client_goes_away_gives_its_permit_back() {
     assert_eq!(calls(&envoy, "payments", "failure"), Some(1.0));
 }
 
-#[test]
-fn cluster_scope_keeps_clusters_apart() {
+both_forms!(cluster_scope_keeps_clusters_apart);
+fn cluster_scope_keeps_clusters_apart(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new(
                 "circuit-breaker",
                 r#"{"rules": [{"name": "per-cluster", "scope": "cluster", "consecutive_failures": 2, "open_for": "1h"}]}"#,
@@ -458,14 +468,14 @@ fn cluster_scope_keeps_clusters_apart() {
     );
 }
 
+both_forms!(behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call);
 /// Behind lb-hints (which re-routes by writing a header), Envoy still shows
 /// this filter the route matched first (`default`, cluster v1) during the
 /// request; the outcome must be booked under the cluster that served it.
-#[test]
-fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call() {
+fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(
                 WasmFilter::new(
                     "lb-hints",

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mesh_testkit::envoy::assert_config_refused;
+use mesh_testkit::envoy::assert_config_refused_in;
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::rls::{RateLimitService, Redis};
-use mesh_testkit::{concurrent_gets, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{both_forms, concurrent_gets, Bootstrap, Envoy, Form, Upstream, WasmFilter};
 
 /// Redis, the service with `service_config`, and `envoys` Envoys whose
 /// ratelimit filter has `filter_config` (cluster `rls` is the service).
@@ -17,12 +17,12 @@ struct World {
     upstream: Upstream,
 }
 
-fn world(service_config: &str, filter_config: &str, envoys: usize) -> World {
+fn world(form: Form, service_config: &str, filter_config: &str, envoys: usize) -> World {
     let redis = Redis::start();
     let rls = RateLimitService::start(redis.port(), service_config);
     let upstream = Upstream::start("backend");
     let envoys = (0..envoys)
-        .map(|_| envoy(filter_config, &upstream, rls.grpc_port()))
+        .map(|_| envoy(form, filter_config, &upstream, rls.grpc_port()))
         .collect();
     World {
         redis,
@@ -32,9 +32,9 @@ fn world(service_config: &str, filter_config: &str, envoys: usize) -> World {
     }
 }
 
-fn envoy(filter_config: &str, upstream: &Upstream, rls_port: u16) -> Envoy {
+fn envoy(form: Form, filter_config: &str, upstream: &Upstream, rls_port: u16) -> Envoy {
     Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new("ratelimit", filter_config))
             .route("open", "/", "backend")
             .cluster("backend", upstream.port())
@@ -85,10 +85,11 @@ fn away_from_window_end(unit_secs: u64, margin: Duration) {
     }
 }
 
-#[test]
-fn one_limit_shared_by_three_envoys_is_exact() {
+both_forms!(one_limit_shared_by_three_envoys_is_exact);
+fn one_limit_shared_by_three_envoys_is_exact(form: Form) {
     const N: usize = 30;
     let w = world(
+        form,
         &service_config(&[("per-user", "x-user", N as u32, "hour")]),
         r#"{"rules": [{"name": "per-user", "key": [{"header": "x-user"}],
             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
@@ -146,9 +147,10 @@ fn one_limit_shared_by_three_envoys_is_exact() {
     }
 }
 
-#[test]
-fn the_local_pre_check_rejects_without_a_call() {
+both_forms!(the_local_pre_check_rejects_without_a_call);
+fn the_local_pre_check_rejects_without_a_call(form: Form) {
     let mut w = world(
+        form,
         &service_config(&[("per-user", "x-user", 100, "hour")]),
         r#"{"rules": [{"name": "per-user", "key": [{"header": "x-user"}],
             "limit": {"requests": 5, "per": "1h"},
@@ -182,9 +184,10 @@ fn the_local_pre_check_rejects_without_a_call() {
     w.envoys.clear();
 }
 
-#[test]
-fn an_over_limit_answer_is_remembered_until_the_window_resets() {
+both_forms!(an_over_limit_answer_is_remembered_until_the_window_resets);
+fn an_over_limit_answer_is_remembered_until_the_window_resets(form: Form) {
     let w = world(
+        form,
         &service_config(&[
             ("per-user", "x-user", 3, "minute"),
             ("per-second", "x-user", 2, "second"),
@@ -312,9 +315,10 @@ fn both_recovered(w: &World, case: &str) {
     }
 }
 
-#[test]
-fn failures_follow_the_failure_mode_and_the_filter_recovers() {
+both_forms!(failures_follow_the_failure_mode_and_the_filter_recovers);
+fn failures_follow_the_failure_mode_and_the_filter_recovers(form: Form) {
     let mut w = world(
+        form,
         &service_config(&[
             ("open", "x-user", 1000, "hour"),
             ("closed", "x-user", 1000, "hour"),
@@ -390,12 +394,12 @@ fn failures_follow_the_failure_mode_and_the_filter_recovers() {
     assert!((1..=12).contains(&warnings), "{warnings} failure lines");
 }
 
-#[test]
-fn a_cluster_that_does_not_exist_applies_the_failure_mode() {
+both_forms!(a_cluster_that_does_not_exist_applies_the_failure_mode);
+fn a_cluster_that_does_not_exist_applies_the_failure_mode(form: Form) {
     let upstream = Upstream::start("backend");
     let config = FAILURE_RULES.replace("\"rls\"", "\"no-such-cluster\"");
     let e = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new("ratelimit", &config))
             .route("open", "/", "backend")
             .cluster("backend", upstream.port())
@@ -418,9 +422,10 @@ fn a_cluster_that_does_not_exist_applies_the_failure_mode() {
     );
 }
 
-#[test]
-fn other_keys_and_rules_are_unaffected_and_shadow_never_rejects() {
+both_forms!(other_keys_and_rules_are_unaffected_and_shadow_never_rejects);
+fn other_keys_and_rules_are_unaffected_and_shadow_never_rejects(form: Form) {
     let w = world(
+        form,
         &service_config(&[
             ("per-user", "x-user", 2, "hour"),
             ("trial", "x-user", 2, "hour"),
@@ -449,8 +454,8 @@ fn other_keys_and_rules_are_unaffected_and_shadow_never_rejects() {
     assert_eq!(decision(e, "trial", "global_limited"), 0.0);
 }
 
-#[test]
-fn bad_global_blocks_are_refused_with_the_json_path() {
+both_forms!(bad_global_blocks_are_refused_with_the_json_path);
+fn bad_global_blocks_are_refused_with_the_json_path(form: Form) {
     let rule = |global: &str| {
         format!(r#"{{"rules": [{{"name": "a", "key": [{{"header": "x"}}], "global": {global}}}]}}"#)
     };
@@ -477,12 +482,12 @@ fn bad_global_blocks_are_refused_with_the_json_path() {
         ),
     ];
     for (config, expected) in cases {
-        assert_config_refused("ratelimit", &config, expected);
+        assert_config_refused_in(form, "ratelimit", &config, expected);
     }
 }
 
-#[test]
-fn the_shipped_example_and_its_service_configuration_match() {
+both_forms!(the_shipped_example_and_its_service_configuration_match);
+fn the_shipped_example_and_its_service_configuration_match(form: Form) {
     let root = mesh_testkit::repo_root();
     let yaml: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(root.join("envoy/ratelimit-global.yaml")).unwrap(),
@@ -496,7 +501,7 @@ fn the_shipped_example_and_its_service_configuration_match() {
     let rls = RateLimitService::start(redis.port(), &service);
     let upstream = Upstream::start("backend");
     let e = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new("ratelimit", filter))
             .route("api", "/api", "backend")
             .route("other", "/", "backend")

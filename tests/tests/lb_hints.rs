@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{
-    concurrent_gets, json_string, wasm_path, Behaviour, Bootstrap, Envoy, Upstream, WasmFilter,
+    both_forms, concurrent_gets, json_string, wasm_path, Behaviour, Bootstrap, Envoy, Form,
+    Upstream, WasmFilter,
 };
 
 /// Routes on `header`: `to-v1`, `to-v2`, and the fallback `unrouted` (421).
@@ -35,10 +36,10 @@ struct Setup {
 }
 
 /// Envoy with one lb-hints filter configured with `config`.
-fn envoy_with(config: &str) -> Setup {
+fn envoy_with(form: Form, config: &str) -> Setup {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
+        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
             .wasm(WasmFilter::new("lb-hints", config))
             .yaml(),
     );
@@ -67,11 +68,14 @@ fn count(t: &HashMap<String, usize>, name: &str) -> usize {
 
 const CANARY: &str = r#""targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}]"#;
 
-#[test]
-fn weighted_round_robin_serves_90_10_exactly_across_two_workers() {
-    let s = envoy_with(&format!(
-        r#"{{"rules": [{{"name": "canary", "algorithm": "weighted_round_robin", {CANARY}}}]}}"#
-    ));
+both_forms!(weighted_round_robin_serves_90_10_exactly_across_two_workers);
+fn weighted_round_robin_serves_90_10_exactly_across_two_workers(form: Form) {
+    let s = envoy_with(
+        form,
+        &format!(
+            r#"{{"rules": [{{"name": "canary", "algorithm": "weighted_round_robin", {CANARY}}}]}}"#
+        ),
+    );
     let responses = concurrent_gets(s.envoy.port(), "/", &[], 20, 1000);
     let t = tally(&responses);
     assert_eq!((count(&t, "v1"), count(&t, "v2")), (900, 100), "{t:?}");
@@ -86,11 +90,14 @@ fn weighted_round_robin_serves_90_10_exactly_across_two_workers() {
     assert_eq!(picks("v2"), Some(100.0));
 }
 
-#[test]
-fn weighted_random_lands_within_a_binomial_bound() {
-    let s = envoy_with(&format!(
-        r#"{{"rules": [{{"name": "canary", "algorithm": "weighted_random", {CANARY}}}]}}"#
-    ));
+both_forms!(weighted_random_lands_within_a_binomial_bound);
+fn weighted_random_lands_within_a_binomial_bound(form: Form) {
+    let s = envoy_with(
+        form,
+        &format!(
+            r#"{{"rules": [{{"name": "canary", "algorithm": "weighted_random", {CANARY}}}]}}"#
+        ),
+    );
     let responses = concurrent_gets(s.envoy.port(), "/", &[], 20, 1000);
     let t = tally(&responses);
     assert_eq!(count(&t, "v1") + count(&t, "v2"), 1000, "{t:?}");
@@ -133,8 +140,8 @@ fn versions_of_users(port: u16, users: usize, times: usize) -> Vec<String> {
     found.into_iter().map(|(_, v)| v).collect()
 }
 
-#[test]
-fn sticky_users_stay_and_a_weight_change_moves_only_the_share_that_must_move() {
+both_forms!(sticky_users_stay_and_a_weight_change_moves_only_the_share_that_must_move);
+fn sticky_users_stay_and_a_weight_change_moves_only_the_share_that_must_move(form: Form) {
     let config = |w1: u32, w2: u32| {
         format!(
             r#"{{"rules": [{{"name": "sticky", "algorithm": "sticky", "sticky": {{"header": "x-user-id"}},
@@ -142,11 +149,11 @@ fn sticky_users_stay_and_a_weight_change_moves_only_the_share_that_must_move() {
         )
     };
     let before = {
-        let s = envoy_with(&config(90, 10));
+        let s = envoy_with(form, &config(90, 10));
         versions_of_users(s.envoy.port(), 200, 5)
     };
     let after = {
-        let s = envoy_with(&config(80, 20));
+        let s = envoy_with(form, &config(80, 20));
         versions_of_users(s.envoy.port(), 200, 5)
     };
     let on_v2 = before.iter().filter(|v| *v == "v2").count();
@@ -214,9 +221,10 @@ fn requests_until_served_by(port: u16, name: &str, limit: usize) -> Option<usize
     (1..=limit).find(|_| served_by(&client.get("/", &[])).as_deref() == Some(name))
 }
 
-#[test]
-fn least_requests_sends_new_requests_away_from_slow_in_flight_ones() {
+both_forms!(least_requests_sends_new_requests_away_from_slow_in_flight_ones);
+fn least_requests_sends_new_requests_away_from_slow_in_flight_ones(form: Form) {
     let s = envoy_with(
+        form,
         r#"{"rules": [{"name": "lr", "algorithm": "least_requests", "targets": [{"name": "v1"}, {"name": "v2"}]}]}"#,
     );
     let port = s.envoy.port();
@@ -257,9 +265,10 @@ fn least_requests_sends_new_requests_away_from_slow_in_flight_ones() {
     );
 }
 
-#[test]
-fn least_requests_counts_out_upstream_resets() {
+both_forms!(least_requests_counts_out_upstream_resets);
+fn least_requests_counts_out_upstream_resets(form: Form) {
     let s = envoy_with(
+        form,
         r#"{"rules": [{"name": "lr", "algorithm": "least_requests", "targets": [{"name": "v1"}, {"name": "v2"}]}]}"#,
     );
     let port = s.envoy.port();
@@ -280,14 +289,14 @@ fn least_requests_counts_out_upstream_resets() {
     );
 }
 
-#[test]
-fn a_client_sent_routing_header_is_overwritten_and_the_override_works_when_allowed() {
+both_forms!(a_client_sent_routing_header_is_overwritten_and_the_override_works_when_allowed);
+fn a_client_sent_routing_header_is_overwritten_and_the_override_works_when_allowed(form: Form) {
     let rule = |extra: &str| {
         format!(
             r#"{{"rules": [{{"name": "pin", "targets": [{{"name": "v1", "weight": 1}}, {{"name": "v2", "weight": 0}}]{extra}}}]}}"#
         )
     };
-    let s = envoy_with(&rule(""));
+    let s = envoy_with(form, &rule(""));
     let mut c = Client::new(s.envoy.port());
     let answer = c.get("/", &[("x-mesh-target", "v2")]);
     assert_eq!(served_by(&answer).as_deref(), Some("v1"));
@@ -306,7 +315,10 @@ fn a_client_sent_routing_header_is_overwritten_and_the_override_works_when_allow
     );
     drop(s);
 
-    let s = envoy_with(&rule(r#", "override": {"header": "x-mesh-force-target"}"#));
+    let s = envoy_with(
+        form,
+        &rule(r#", "override": {"header": "x-mesh-force-target"}"#),
+    );
     let mut c = Client::new(s.envoy.port());
     let forced =
         |value| served_by(&Client::new(s.envoy.port()).get("/", &[("x-mesh-force-target", value)]));
@@ -326,11 +338,12 @@ fn a_client_sent_routing_header_is_overwritten_and_the_override_works_when_allow
     );
 }
 
-#[test]
-fn routing_follows_the_header_even_after_the_route_was_resolved() {
+both_forms!(routing_follows_the_header_even_after_the_route_was_resolved);
+fn routing_follows_the_header_even_after_the_route_was_resolved(form: Form) {
     // Matching on the route name makes Envoy resolve the route (`unrouted`,
     // since the client sends no header) before the filter writes the header.
     let s = envoy_with(
+        form,
         r#"{"rules": [{"name": "pin", "match": {"route": ["unrouted", "to-v1", "to-v2"]},
             "targets": [{"name": "v1", "weight": 0}, {"name": "v2", "weight": 1}]}]}"#,
     );
@@ -345,9 +358,10 @@ fn routing_follows_the_header_even_after_the_route_was_resolved() {
     );
 }
 
-#[test]
-fn no_target_available_answers_as_configured() {
+both_forms!(no_target_available_answers_as_configured);
+fn no_target_available_answers_as_configured(form: Form) {
     let s = envoy_with(
+        form,
         r#"{"response": {"status": 503, "body": "no version available\n"},
             "rules": [{"name": "off", "match": {"path_prefix": "/off"}, "targets": [{"name": "v1", "weight": 0}]},
                       {"name": "pass", "match": {"path_prefix": "/pass"}, "no_target": "pass", "targets": [{"name": "v1", "weight": 0}]}]}"#,
@@ -371,15 +385,15 @@ fn no_target_available_answers_as_configured() {
     );
 }
 
-#[test]
-fn steps_move_the_share_at_the_configured_time() {
+both_forms!(steps_move_the_share_at_the_configured_time);
+fn steps_move_the_share_at_the_configured_time(form: Form) {
     const AFTER: Duration = Duration::from_secs(5);
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     // The step schedule starts at the first configuration, which happens
     // after `before_start` and before `Envoy::start` returns.
     let before_start = Instant::now();
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
+        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
             .wasm(WasmFilter::new(
                 "lb-hints",
                 r#"{"rules": [{"name": "rollout", "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 0}],
@@ -408,11 +422,11 @@ fn steps_move_the_share_at_the_configured_time() {
     assert_eq!(late, 20);
 }
 
-#[test]
-fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
+both_forms!(bad_config_is_refused_with_the_json_path_and_envoy_does_not_start);
+fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let failure = Envoy::start_with(
-        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
+        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
             .wasm(WasmFilter::new(
                 "lb-hints",
                 r#"{"rules": [{"name": "canary", "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": -10}]}]}"#,
@@ -423,9 +437,9 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
     .err()
     .expect("Envoy must refuse the configuration");
     assert!(
-        failure.log.contains(
+        failure.log.contains(&form.error_line(
             "lb-hints: rules[0].targets[1].weight: expected an integer from 0 to 10000, got -10"
-        ),
+        )),
         "{}",
         failure.log
     );
@@ -491,6 +505,7 @@ fn two_modules_picks(vm_a: &str, vm_b: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+// Chain only: two instances of lb-hints with their own vm_ids and modules.
 #[test]
 fn two_modules_share_data_exactly_when_their_vm_ids_are_equal() {
     // Same vm_id: both modules claim from one counter, so each request's two
@@ -515,26 +530,27 @@ fn two_modules_share_data_exactly_when_their_vm_ids_are_equal() {
 /// direct-response fallback it saw no cluster at all).
 const ROUTE_REFRESH: &str = r#"{"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}"#;
 
+// Chain only: a native filter between lb-hints and the breaker.
 #[test]
 fn with_the_circuit_breaker_tripping_v2_everything_goes_to_v1_until_it_closes() {
-    circuit_breaker_behind_lb_hints(true);
+    circuit_breaker_behind_lb_hints(Form::Chain, true);
 }
 
-#[test]
-fn with_the_circuit_breaker_directly_behind_lb_hints_too() {
+both_forms!(with_the_circuit_breaker_directly_behind_lb_hints_too);
+fn with_the_circuit_breaker_directly_behind_lb_hints_too(form: Form) {
     // Without the route refresh the breaker sees no cluster in the request
     // phase (direct-response fallback) and books each call under the cluster
     // that served it, once answered.
-    circuit_breaker_behind_lb_hints(false);
+    circuit_breaker_behind_lb_hints(form, false);
 }
 
-fn circuit_breaker_behind_lb_hints(route_refresh: bool) {
+fn circuit_breaker_behind_lb_hints(form: Form, route_refresh: bool) {
     const OPEN_FOR: Duration = Duration::from_secs(6);
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     // Both filters in one vm_id (shared data is per vm_id), the breaker after
     // lb-hints; with `route_refresh`, a native filter in between makes Envoy
     // resolve the route again (see ROUTE_REFRESH).
-    let chain = routed(Bootstrap::new(), "x-mesh-target", &v1, &v2).wasm(
+    let chain = routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2).wasm(
         WasmFilter::new(
             "lb-hints",
             r#"{"rules": [{"name": "split", "avoid_open_circuits": true,

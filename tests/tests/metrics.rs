@@ -9,7 +9,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{concurrent_gets, debian, repo_root, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{
+    both_forms, concurrent_gets, debian, repo_root, Bootstrap, Envoy, Form, Upstream, WasmFilter,
+};
 use serde_json::Value;
 
 /// The duration buckets of the test config; the bootstrap gets the same ones.
@@ -306,13 +308,13 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
+both_forms!(red_metrics_agree_with_the_traffic_in_envoy_and_prometheus);
 /// A known mix of requests through metrics + ratelimit; the scrape must show
 /// exact counts per label set, histograms that agree, in-flight back at 0; a
 /// real Prometheus must see the same; the dashboard and alert rules must name
 /// only series this run produced (all four filters run in this Envoy), and
 /// each of their queries must run.
-#[test]
-fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
+fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus(form: Form) {
     const CONFIG: &str = r#"{"labels": {"status_code": true, "custom": [
         {"name": "tenant", "header": "x-tenant", "allowed": ["gold", "silver"]}]},
         "duration_buckets_ms": [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]}"#;
@@ -330,7 +332,7 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
     let backend = Upstream::start("backend");
     let backend2 = Upstream::start("backend2");
     let envoy = Envoy::start(&with_duration_buckets(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .stat_tags(&["tenant"])
             // First, so it also counts the ratelimit filter's local 429.
             .wasm(WasmFilter::new("metrics", CONFIG))
@@ -601,16 +603,16 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus() {
     }
 }
 
+both_forms!(ten_thousand_label_values_stay_within_max_series);
 /// 10 000 distinct values of a custom label without an allow-list leave at
 /// most max_series label sets plus the overflow series; every request is
 /// counted once, and the folded ones are counted.
-#[test]
-fn ten_thousand_label_values_stay_within_max_series() {
+fn ten_thousand_label_values_stay_within_max_series(form: Form) {
     const MAX_SERIES: usize = 50;
     const REQUESTS: usize = 10_000;
     let backend = Upstream::start("backend");
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .stat_tags(&["client"])
             .wasm(WasmFilter::new(
                 "metrics",
@@ -670,11 +672,11 @@ fn ten_thousand_label_values_stay_within_max_series() {
     assert!(gauges.iter().all(|(_, v)| *v == 0.0), "{gauges:?}");
 }
 
-#[test]
-fn a_bad_configuration_is_refused_with_the_field_path() {
+both_forms!(a_bad_configuration_is_refused_with_the_field_path);
+fn a_bad_configuration_is_refused_with_the_field_path(form: Form) {
     let backend = Upstream::start("backend");
     let refused = Envoy::start_with(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new(
                 "metrics",
                 r#"{"labels": {"custom": [{"name": "route", "header": "x-route"}]}}"#,
@@ -689,9 +691,9 @@ fn a_bad_configuration_is_refused_with_the_field_path() {
         Err(f) => f,
     };
     assert!(
-        failure
-            .log
-            .contains(r#"metrics: labels.custom[0].name: "route" is a built-in label"#),
+        failure.log.contains(
+            &form.error_line(r#"metrics: labels.custom[0].name: "route" is a built-in label"#)
+        ),
         "{}",
         failure.log
     );
@@ -753,14 +755,14 @@ fn istio_extra_stat_tags_cover_every_label() {
     }
 }
 
+both_forms!(a_local_reply_of_an_earlier_filter_is_counted_once);
 /// Behind a filter that answers locally, the metrics filter never sees the
 /// request phase: the request is still counted once, with its labels read in
 /// the log phase, and no in-flight gauge is left up.
-#[test]
-fn a_local_reply_of_an_earlier_filter_is_counted_once() {
+fn a_local_reply_of_an_earlier_filter_is_counted_once(form: Form) {
     let backend = Upstream::start("backend");
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new(
                 "ratelimit",
                 r#"{"rules": [{"name": "one", "limit": {"requests": 1, "per": "1h"}}]}"#,
@@ -801,14 +803,14 @@ fn a_local_reply_of_an_earlier_filter_is_counted_once() {
     assert!(gauges.iter().all(|(_, v)| *v == 0.0), "{gauges:?}");
 }
 
+both_forms!(a_client_that_hangs_up_leaves_nothing_in_flight);
 /// A client that hangs up before the answer: the request leaves the
 /// in-flight gauge and is counted with the status `none`.
-#[test]
-fn a_client_that_hangs_up_leaves_nothing_in_flight() {
+fn a_client_that_hangs_up_leaves_nothing_in_flight(form: Form) {
     use std::io::Write;
     let backend = Upstream::start("backend");
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new(
                 "metrics",
                 r#"{"labels": {"status_code": true}}"#,

@@ -1,15 +1,15 @@
 //! The ratelimit filter in a real Envoy (2 workers) in front of a real upstream.
 
-use mesh_testkit::envoy::assert_config_refused;
+use mesh_testkit::envoy::assert_config_refused_in;
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{concurrent_gets, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{both_forms, concurrent_gets, Bootstrap, Envoy, Form, Upstream, WasmFilter};
 
 /// Envoy with one ratelimit filter configured with `config`, routes `limited`
 /// (/limited) and `open` (everything else), both to one upstream.
-fn envoy_with(config: &str) -> (Envoy, Upstream) {
+fn envoy_with(form: Form, config: &str) -> (Envoy, Upstream) {
     let upstream = Upstream::start("backend");
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .wasm(WasmFilter::new("ratelimit", config))
             .route("limited", "/limited", "backend")
             .route("open", "/", "backend")
@@ -31,12 +31,15 @@ fn statuses(responses: &[std::io::Result<http::Response>]) -> (usize, usize, usi
     (ok, limited, responses.len() - ok - limited)
 }
 
-#[test]
-fn exact_across_two_workers_under_32_connections() {
+both_forms!(exact_across_two_workers_under_32_connections);
+fn exact_across_two_workers_under_32_connections(form: Form) {
     const N: usize = 300;
-    let (envoy, upstream) = envoy_with(&format!(
-        r#"{{"rules": [{{"name": "global", "limit": {{"requests": {N}, "per": "1h", "burst": {N}}}}}]}}"#
-    ));
+    let (envoy, upstream) = envoy_with(
+        form,
+        &format!(
+            r#"{{"rules": [{{"name": "global", "limit": {{"requests": {N}, "per": "1h", "burst": {N}}}}}]}}"#
+        ),
+    );
     let responses = concurrent_gets(envoy.port(), "/", &[], 40, 4 * N);
     assert_eq!(
         statuses(&responses),
@@ -58,9 +61,10 @@ fn exact_across_two_workers_under_32_connections() {
     assert_eq!(count("limited"), Some(3.0 * N as f64));
 }
 
-#[test]
-fn keys_are_independent_and_headers_are_right() {
+both_forms!(keys_are_independent_and_headers_are_right);
+fn keys_are_independent_and_headers_are_right(form: Form) {
     let (envoy, _upstream) = envoy_with(
+        form,
         r#"{"headers_on_allowed": true,
             "rules": [{"name": "per-key", "key": [{"header": "x-api-key"}], "limit": {"requests": 2, "per": "1m"}}]}"#,
     );
@@ -89,9 +93,10 @@ fn keys_are_independent_and_headers_are_right() {
     }
 }
 
-#[test]
-fn x_ratelimit_headers_and_custom_response() {
+both_forms!(x_ratelimit_headers_and_custom_response);
+fn x_ratelimit_headers_and_custom_response(form: Form) {
     let (envoy, _upstream) = envoy_with(
+        form,
         r#"{"headers": "x-ratelimit", "response": {"status": 503, "body": "slow down\n"},
             "rules": [{"name": "one", "limit": {"requests": 1, "per": "1h"}}]}"#,
     );
@@ -115,9 +120,10 @@ fn x_ratelimit_headers_and_custom_response() {
     assert_eq!(limited.header("ratelimit"), None);
 }
 
-#[test]
-fn a_rule_scoped_to_one_route_leaves_the_other_unlimited() {
+both_forms!(a_rule_scoped_to_one_route_leaves_the_other_unlimited);
+fn a_rule_scoped_to_one_route_leaves_the_other_unlimited(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "only-limited", "match": {"route": "limited"}, "limit": {"requests": 2, "per": "1h"}}]}"#,
     );
     let open = concurrent_gets(envoy.port(), "/other", &[], 4, 100);
@@ -127,9 +133,10 @@ fn a_rule_scoped_to_one_route_leaves_the_other_unlimited() {
     assert_eq!(upstream.requests(), 102);
 }
 
-#[test]
-fn missing_key_follows_on_missing_key() {
+both_forms!(missing_key_follows_on_missing_key);
+fn missing_key_follows_on_missing_key(form: Form) {
     let (envoy, _upstream) = envoy_with(
+        form,
         r#"{"rules": [
             {"name": "deny", "match": {"path_prefix": "/limited"}, "key": [{"header": "x-api-key"}],
              "on_missing_key": "deny", "limit": {"requests": 100, "per": "1s"}},
@@ -170,9 +177,10 @@ fn missing_key_follows_on_missing_key() {
     );
 }
 
-#[test]
-fn shadow_mode_lets_everything_through_and_counts() {
+both_forms!(shadow_mode_lets_everything_through_and_counts);
+fn shadow_mode_lets_everything_through_and_counts(form: Form) {
     let (envoy, upstream) = envoy_with(
+        form,
         r#"{"rules": [{"name": "trial", "shadow": true, "limit": {"requests": 5, "per": "1h"}}]}"#,
     );
     let responses = concurrent_gets(envoy.port(), "/", &[], 8, 50);
@@ -189,8 +197,8 @@ fn shadow_mode_lets_everything_through_and_counts() {
     assert_eq!(count("limited"), Some(0.0));
 }
 
-#[test]
-fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
+both_forms!(bad_config_is_refused_with_the_json_path_and_envoy_does_not_start);
+fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start(form: Form) {
     let rule = |limit: &str| format!(r#"{{"rules": [{{"name": "a", "limit": {limit}}}]}}"#);
     let cases = [
         (rule(r#"{"requests": 5, "per": "fast"}"#), r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#),
@@ -200,13 +208,14 @@ fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start() {
         (r#"{"rules": [], "max_kyes": 10}"#.to_string(), "ratelimit: max_kyes: unknown field `max_kyes`, expected one of `rules`, `response`, `headers`, `headers_on_allowed`, `route_metadata`, `max_keys`"),
     ];
     for (config, expected) in cases {
-        assert_config_refused("ratelimit", &config, expected);
+        assert_config_refused_in(form, "ratelimit", &config, expected);
     }
 }
 
-#[test]
-fn a_hundred_thousand_keys_leave_memory_flat() {
+both_forms!(a_hundred_thousand_keys_leave_memory_flat);
+fn a_hundred_thousand_keys_leave_memory_flat(form: Form) {
     let (envoy, _upstream) = envoy_with(
+        form,
         r#"{"max_keys": 1000, "rules": [{"name": "per-client", "key": [{"header": "x-client"}], "limit": {"requests": 1, "per": "1h"}}]}"#,
     );
     let send = |from: usize, to: usize| {

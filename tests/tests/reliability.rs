@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{both_forms, Bootstrap, Envoy, Form, Upstream, WasmFilter};
 
 const POLICIES: [&str; 3] = ["FAIL_CLOSED", "FAIL_OPEN", "FAIL_RELOAD"];
 
@@ -73,6 +73,7 @@ fn panic_lines(envoy: &Envoy) -> usize {
         .count()
 }
 
+// Chain only: a failure of the panic-probe module, not of ours.
 #[test]
 fn fail_closed_a_dead_vm_answers_503_for_ever_and_the_upstream_sees_nothing() {
     let (envoy, upstream) = probe_envoy("FAIL_CLOSED");
@@ -92,6 +93,7 @@ fn fail_closed_a_dead_vm_answers_503_for_ever_and_the_upstream_sees_nothing() {
     assert!(panic_lines(&envoy) >= 2, "the panic hook logs each panic");
 }
 
+// Chain only: a failure of the panic-probe module, not of ours.
 #[test]
 fn fail_open_a_dead_vm_is_skipped_and_traffic_flows_without_the_filter() {
     let (envoy, upstream) = probe_envoy("FAIL_OPEN");
@@ -123,6 +125,7 @@ fn vms_created(envoy: &Envoy) -> usize {
         .count()
 }
 
+// Chain only: a failure of the panic-probe module, not of ours.
 #[test]
 fn fail_reload_a_dead_vm_is_recreated_and_the_filter_runs_again() {
     let (envoy, upstream) = probe_envoy("FAIL_RELOAD");
@@ -177,12 +180,12 @@ fn fail_reload_a_dead_vm_is_recreated_and_the_filter_runs_again() {
 const BAD_RATELIMIT: &str =
     r#"{"rules": [{"name": "a", "limit": {"requests": 1, "per": "fast"}}]}"#;
 
-#[test]
-fn a_refused_configuration_stops_envoy_from_starting_under_every_policy() {
+both_forms!(a_refused_configuration_stops_envoy_from_starting_under_every_policy);
+fn a_refused_configuration_stops_envoy_from_starting_under_every_policy(form: Form) {
     for policy in POLICIES {
         let upstream = Upstream::start("backend");
         let started = Envoy::start_with(
-            &Bootstrap::new()
+            &Bootstrap::in_form(form)
                 .wasm(WasmFilter::new("ratelimit", BAD_RATELIMIT).failure_policy(policy))
                 .route("default", "/", "backend")
                 .cluster("backend", upstream.port())
@@ -202,9 +205,9 @@ fn a_refused_configuration_stops_envoy_from_starting_under_every_policy() {
             failure.status
         );
         assert!(
-            failure.log.contains(
+            failure.log.contains(&form.error_line(
                 r#"ratelimit: rules[0].limit.per: expected a duration like "1s", got "fast""#
-            ),
+            )),
             "{policy}: the log must name the field:\n{}",
             failure.log
         );
@@ -227,16 +230,16 @@ const METRICS: &str = r#"{"labels": {"custom": [{"name": "tenant", "header": "x-
 
 /// All four filters (metrics, ratelimit, lb-hints, circuit-breaker, each
 /// reading a client-controlled header) in front of upstreams v1 and v2.
-struct Suite {
+struct AllFour {
     envoy: Envoy,
     v1: Upstream,
     v2: Upstream,
 }
 
-fn suite() -> Suite {
+fn all_four(form: Form) -> AllFour {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &Bootstrap::new()
+        &Bootstrap::in_form(form)
             .stat_tags(&["tenant"])
             .all_four(METRICS, RATELIMIT, LB_HINTS, CIRCUIT_BREAKER)
             .reviews_routes()
@@ -245,7 +248,7 @@ fn suite() -> Suite {
             .cluster("v2", v2.port())
             .yaml(),
     );
-    Suite { envoy, v1, v2 }
+    AllFour { envoy, v1, v2 }
 }
 
 /// Lines of Envoy's log that mention a panic (our hook logs `<filter>: panic:`).
@@ -264,9 +267,9 @@ fn send(client: &mut Client, path: &str, headers: &[(&str, &[u8])]) -> http::Res
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-#[test]
-fn huge_many_and_non_utf8_headers_pass_all_four_filters_without_harm() {
-    let s = suite();
+both_forms!(huge_many_and_non_utf8_headers_pass_all_four_filters_without_harm);
+fn huge_many_and_non_utf8_headers_pass_all_four_filters_without_harm(form: Form) {
+    let s = all_four(form);
     let mut c = Client::new(s.envoy.port());
     // Just under Envoy's default 60 KiB for all request headers together.
     let huge = vec![b'k'; 50 * 1024];
@@ -356,9 +359,9 @@ fn huge_many_and_non_utf8_headers_pass_all_four_filters_without_harm() {
     assert_eq!(log_panics(&s.envoy), Vec::<String>::new());
 }
 
-#[test]
-fn a_hundred_thousand_tenants_leave_breakers_and_label_sets_bounded() {
-    let s = suite();
+both_forms!(a_hundred_thousand_tenants_leave_breakers_and_label_sets_bounded);
+fn a_hundred_thousand_tenants_leave_breakers_and_label_sets_bounded(form: Form) {
+    let s = all_four(form);
     let send_range = |from: usize, to: usize| {
         let threads: Vec<_> = (0..8)
             .map(|t| {
