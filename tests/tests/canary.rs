@@ -204,9 +204,12 @@ impl DynamicFilter {
 
     /// The `http_filters` entry that reads the filter from the file.
     fn entry(&self) -> String {
+        // The name of the resource the file holds.
+        let name = WasmFilter::new("lb-hints", "").in_form(self.form).name;
         format!(
-            r#"{{"name": "lb-hints", "config_discovery": {{"config_source": {{"path_config_source": {{"path": {path}}}, "resource_api_version": "V3"}},
+            r#"{{"name": {name}, "config_discovery": {{"config_source": {{"path_config_source": {{"path": {path}}}, "resource_api_version": "V3"}},
                 "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]}}}}"#,
+            name = mesh_testkit::json_string(&name),
             path = mesh_testkit::json_string(&self.path.to_string_lossy())
         )
     }
@@ -257,7 +260,7 @@ fn reconfigure(s: &Setup, filter: &mut DynamicFilter, config: &str) {
 both_forms!(a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_workers);
 fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_workers(form: Form) {
     const INTERVAL: Duration = Duration::from_secs(2);
-    let dir = std::env::temp_dir().join(format!("mesh-canary-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("mesh-canary-{}-{form:?}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let steps = r#"[{"after": "1m", "weights": {"v1": 50, "v2": 50}}]"#;
     let analysis = r#""interval": "2s", "min_calls": 20, "max_failure_rate_percent": 5"#;

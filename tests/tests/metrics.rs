@@ -197,7 +197,11 @@ struct Prometheus {
 impl Prometheus {
     fn start(envoy_admin_port: u16) -> Prometheus {
         let bin = debian::ensure("prometheus", "prometheus").unwrap();
-        let dir = std::env::temp_dir().join(format!("mesh-prometheus-{}", std::process::id()));
+        // One directory per Envoy: tests of both forms run at once.
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-prometheus-{}-{envoy_admin_port}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
