@@ -472,6 +472,7 @@ both_forms!(behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_th
 /// Behind lb-hints (which re-routes by writing a header), Envoy still shows
 /// this filter the route matched first (`default`, cluster v1) during the
 /// request; the outcome must be booked under the cluster that served it.
+/// (In the suite lb-hints hands its chosen cluster to the breaker.)
 fn behind_a_re_routing_filter_outcomes_go_to_the_cluster_that_served_the_call(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(

@@ -762,7 +762,8 @@ fn istio_extra_stat_tags_cover_every_label() {
 both_forms!(a_local_reply_of_an_earlier_filter_is_counted_once);
 /// Behind a filter that answers locally, the metrics filter never sees the
 /// request phase: the request is still counted once, with its labels read in
-/// the log phase, and no in-flight gauge is left up.
+/// the log phase, and no in-flight gauge is left up. (The suite runs metrics
+/// first whatever the order here: there it counts ratelimit's local answer.)
 fn a_local_reply_of_an_earlier_filter_is_counted_once(form: Form) {
     let backend = Upstream::start("backend");
     let envoy = Envoy::start(
