@@ -505,7 +505,8 @@ fn routes_named_by(config: &Value) -> Vec<String> {
     // The suite's parts (each a filter's configuration under its name).
     let mut names: Vec<String> = ["ratelimit", "lb_hints", "circuit_breaker"]
         .iter()
-        .flat_map(|part| routes_named_by(&config[*part]))
+        .filter_map(|part| config.get(part))
+        .flat_map(routes_named_by)
         .collect();
     for rule in config["rules"].as_array().into_iter().flatten() {
         match &rule["match"]["route"] {
