@@ -166,7 +166,8 @@ impl fmt::Display for Shown<'_> {
                 write!(f, "floating point `{}.0`", n as i64)
             }
             Unexpected::Float(_) => f.write_str("a decimal number"),
-            Unexpected::Str(s) => write!(f, "string {s:?}"),
+            // Quoted, not escaped: str's Debug would bring Unicode tables along.
+            Unexpected::Str(s) => write!(f, "string \"{s}\""),
             Unexpected::Unit => f.write_str("null"),
             Unexpected::Seq => f.write_str("sequence"),
             Unexpected::Map => f.write_str("map"),
@@ -217,28 +218,10 @@ impl<'de> Deserializer<'de> for &'de Json {
                     index: 0,
                 };
                 let value = visitor.visit_seq(&mut seq)?;
-                match seq.items.len() {
-                    0 => Ok(value),
-                    _ => Err(de::Error::invalid_length(
-                        items.len(),
-                        &"fewer elements in array",
-                    )),
-                }
+                all_read(seq.items.len(), "fewer elements in array")?;
+                Ok(value)
             }
-            Json::Object(entries) => {
-                let mut map = Entries {
-                    entries: entries.iter(),
-                    value: None,
-                };
-                let value = visitor.visit_map(&mut map)?;
-                match map.entries.len() {
-                    0 => Ok(value),
-                    _ => Err(de::Error::invalid_length(
-                        entries.len(),
-                        &"fewer elements in map",
-                    )),
-                }
-            }
+            Json::Object(entries) => visit_object(entries, visitor),
             Json::TooDeep => Err(de::Error::custom(format_args!(
                 "nested more than {MAX_DEPTH} levels deep"
             ))),
@@ -280,13 +263,51 @@ impl<'de> Deserializer<'de> for &'de Json {
         }
     }
 
+    /// A struct is an object only (serde would also read one from the list
+    /// of its fields): the error names the place, and the modules do not carry
+    /// a second reader per struct.
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
+        match self {
+            Json::Object(entries) => visit_object(entries, visitor),
+            other => Err(de::Error::invalid_type(other.unexpected(), &visitor)),
+        }
+    }
+
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         visitor.visit_unit()
     }
 
     forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct map struct identifier
+        bytes byte_buf unit unit_struct seq tuple tuple_struct map identifier
+    }
+}
+
+fn visit_object<'de, V: Visitor<'de>>(
+    entries: &'de [(String, Json)],
+    visitor: V,
+) -> Result<V::Value, Error> {
+    let mut map = Entries {
+        entries: entries.iter(),
+        value: None,
+    };
+    let value = visitor.visit_map(&mut map)?;
+    all_read(map.entries.len(), "fewer elements in map")?;
+    Ok(value)
+}
+
+/// A visitor that stops early leaves `left` items unread: refused.
+fn all_read(left: usize, expected: &'static str) -> Result<(), Error> {
+    match left {
+        0 => Ok(()),
+        _ => Err(de::Error::custom(format_args!(
+            "{left} more than expected, {expected}"
+        ))),
     }
 }
 
