@@ -166,3 +166,19 @@ fn hostile_sizes_are_refused_and_not_echoed_in_full() {
     assert!(e.starts_with("name: \"éé"), "{e}");
     assert!(e.len() < 400 && e.ends_with("..."), "{e}");
 }
+
+#[test]
+fn type_errors_show_numbers_without_float_printing() {
+    assert_eq!(
+        err(r#"{"d": 100.0}"#),
+        "d: invalid type: floating point `100.0`, expected a duration like \"1s\""
+    );
+    assert_eq!(
+        err(r#"{"d": 1.5}"#),
+        "d: invalid type: a decimal number, expected a duration like \"1s\""
+    );
+    assert_eq!(
+        err(r#"{"d": true}"#),
+        "d: invalid type: boolean `true`, expected a duration like \"1s\""
+    );
+}
