@@ -95,7 +95,7 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
         std::fs::write(&trimmed, &module).map_err(|e| format!("{}: {e}", trimmed.display()))?;
         let optimized = wasm_opt.as_ref().is_some_and(|tool| {
             Command::new(tool)
-                .arg("-Oz")
+                .args(WASM_OPT_PASSES)
                 .args(WASM_OPT_FEATURES)
                 .arg(&trimmed)
                 .arg("-o")
@@ -108,7 +108,10 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
                 .map_err(|e| format!("{} -> {}: {e}", trimmed.display(), out.display()))?;
         }
         let mut note = if optimized {
-            format!(" (wasm-opt -Oz; {:.1} KiB as built)", kib(&built))
+            format!(
+                " (wasm-opt -Oz --converge; {:.1} KiB as built)",
+                kib(&built)
+            )
         } else {
             String::new()
         };
@@ -162,6 +165,10 @@ fn cargo_build(root: &Path, toolchain: Toolchain, group: &[&str]) -> Result<Path
         }
     })
 }
+
+/// `-Oz` until the module stops shrinking (`--converge`: 0.5 to 0.8 KiB less
+/// than one `-Oz`, measured in BENCHMARKS.md "Sizes").
+pub const WASM_OPT_PASSES: &[&str] = &["-Oz", "--converge"];
 
 /// The wasm features rustc emits for wasm32-unknown-unknown; binaryen must be
 /// told, or it refuses the module.

@@ -2,13 +2,11 @@
 //! read by serde; [`crate::config`] compiles it. A new field is one line here
 //! plus its use in the compile step.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use mesh_shared::matcher::MatchSpec;
 use mesh_shared::request::SourceSpec;
-use mesh_shared::spec::{Duration, HeaderName, Integer, LocalResponseSpec, Name, NonEmpty};
+use mesh_shared::spec::{Duration, HeaderName, Integer, LocalResponseSpec, Name, NonEmpty, Pairs};
 
 use crate::config::MAX_WEIGHT;
 
@@ -96,7 +94,11 @@ pub struct StepSpec {
     /// Offset from the configuration time.
     pub after: Duration,
     /// Target name -> weight; targets not named keep their weight.
-    pub weights: BTreeMap<String, Integer<0, MAX_WEIGHT>>,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "std::collections::BTreeMap<String, Integer<0, MAX_WEIGHT>>")
+    )]
+    pub weights: Pairs<String, Integer<0, MAX_WEIGHT>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -2,14 +2,13 @@
 //! block matches every request. Conditions are checked cheapest-first so a
 //! request that fails early costs few host calls.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::request::{Attribute, Request};
-use crate::spec::{checked_string, Checked, HeaderName, NonEmptyList, OneOrMany};
+use crate::spec::{checked_string, Checked, HeaderName, NonEmptyList, OneOrMany, Pairs};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Matcher {
@@ -50,7 +49,11 @@ pub struct MatchSpec {
     /// HTTP methods (any case).
     pub methods: Option<NonEmptyList<MethodSpec>>,
     /// Header name -> exact value, or `{"present": true|false}`.
-    pub headers: Option<BTreeMap<HeaderName, HeaderMatchSpec>>,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<std::collections::BTreeMap<HeaderName, HeaderMatchSpec>>")
+    )]
+    pub headers: Option<Pairs<HeaderName, HeaderMatchSpec>>,
 }
 
 /// A path: starts with '/'.

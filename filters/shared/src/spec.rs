@@ -1,13 +1,13 @@
 //! Configuration read with serde: the "spec" types are the JSON shape (derived
 //! `Deserialize`, unknown fields refused), each filter compiles its spec into the
 //! `Config` its core uses. [`parse`] turns any problem into a [`ConfigError`]
-//! whose path is the JSON path of the bad field (`serde_path_to_error`).
+//! whose path is the JSON path of the bad field (tracked by [`tree`], which
+//! the spec types deserialize from).
 //!
 //! The scalar types here check what a JSON type alone cannot (ranges, names,
 //! durations) while deserializing, so their errors carry the field's path too.
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
@@ -47,23 +47,13 @@ const HINT: &str = " (the configuration must be a JSON object; in Envoy YAML pas
 /// Reads any JSON value into `S` (a part of a configuration, in tests).
 pub fn parse_fragment<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, ConfigError> {
     let mut json = serde_json::Deserializer::from_slice(bytes);
-    let spec = serde_path_to_error::deserialize(&mut json).map_err(error_of)?;
+    let tree = tree::read(&mut json).map_err(|e| syntax(&e))?;
     json.end().map_err(|e| syntax(&e))?;
-    Ok(spec)
+    S::deserialize(&tree).map_err(error_of)
 }
 
-fn error_of(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    let path = e.path().to_string();
-    let inner = e.into_inner();
-    if !inner.is_data() {
-        return syntax(&inner);
-    }
-    // serde_json appends the position; the path already says where.
-    let mut message = inner.to_string();
-    let position = format!(" at line {} column {}", inner.line(), inner.column());
-    if let Some(stripped) = message.strip_suffix(&position) {
-        message.truncate(stripped.len());
-    }
+fn error_of(e: tree::Error) -> ConfigError {
+    let tree::Error { path, mut message } = e;
     if message.len() > MAX_MESSAGE_BYTES {
         let mut end = MAX_MESSAGE_BYTES;
         while !message.is_char_boundary(end) {
@@ -73,7 +63,7 @@ fn error_of(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
         message.push_str("...");
     }
     ConfigError {
-        path: if path == "." { String::new() } else { path },
+        path: path.strip_prefix('.').map(str::to_string).unwrap_or(path),
         message,
     }
 }
@@ -98,45 +88,55 @@ impl<const MIN: u64, const MAX: u64> Integer<MIN, MAX> {
 
 impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Integer<MIN, MAX> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Bounded<const MIN: u64, const MAX: u64>;
-        impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
-            fn out_of_range<E: de::Error>(got: impl fmt::Display) -> E {
-                E::custom(format_args!(
-                    "expected an integer from {MIN} to {MAX}, got {got}"
-                ))
-            }
+        d.deserialize_any(Bounded { min: MIN, max: MAX })
+            .map(Integer)
+    }
+}
+
+/// The visitor of every [`Integer`]: one type whatever the range, so its code
+/// is in the module once, not once per range.
+struct Bounded {
+    min: u64,
+    max: u64,
+}
+
+impl Bounded {
+    fn out_of_range<E: de::Error>(&self, got: impl fmt::Display) -> E {
+        E::custom(format_args!(
+            "expected an integer from {} to {}, got {got}",
+            self.min, self.max
+        ))
+    }
+}
+
+impl Visitor<'_> for Bounded {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an integer from {} to {}", self.min, self.max)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        if (self.min..=self.max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.out_of_range(v))
         }
-        impl<const MIN: u64, const MAX: u64> Visitor<'_> for Bounded<MIN, MAX> {
-            type Value = Integer<MIN, MAX>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "an integer from {MIN} to {MAX}")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                if (MIN..=MAX).contains(&v) {
-                    Ok(Integer(v))
-                } else {
-                    Err(Self::out_of_range(v))
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                match u64::try_from(v) {
-                    Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(Self::out_of_range(v)),
-                }
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                // Bounds are far below 2^53, so the casts below are exact.
-                if v.fract() == 0.0 && v >= MIN as f64 && v <= MAX as f64 {
-                    Ok(Integer(v as u64))
-                } else if v.fract() == 0.0 && v.is_finite() {
-                    Err(Self::out_of_range(format_args!("{}", v as i64)))
-                } else {
-                    // Printing an f64 would pull float formatting into every module.
-                    Err(Self::out_of_range("a decimal number"))
-                }
-            }
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(self.out_of_range(v)),
         }
-        d.deserialize_any(Bounded::<MIN, MAX>)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+        // Bounds are far below 2^53, so the casts below are exact.
+        if v.fract() == 0.0 && v >= self.min as f64 && v <= self.max as f64 {
+            Ok(v as u64)
+        } else if v.fract() == 0.0 && v.is_finite() {
+            Err(self.out_of_range(format_args!("{}", v as i64)))
+        } else {
+            // Printing an f64 would pull float formatting into every module.
+            Err(self.out_of_range("a decimal number"))
+        }
     }
 }
 
@@ -149,17 +149,21 @@ pub trait Checked: Sized {
 
 /// Deserializes a [`Checked`] string.
 pub fn checked<'de, T: Checked, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
-    struct V<T>(PhantomData<T>);
-    impl<T: Checked> Visitor<'_> for V<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(T::EXPECTING)
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-            T::check(v).map_err(E::custom)
-        }
+    let text = d.deserialize_str(Text(T::EXPECTING))?;
+    T::check(&text).map_err(de::Error::custom)
+}
+
+/// The visitor of every [`Checked`] string (one type, so its code is there once).
+struct Text(&'static str);
+
+impl Visitor<'_> for Text {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
     }
-    d.deserialize_str(V(PhantomData))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
 }
 
 macro_rules! checked_string {
@@ -301,6 +305,49 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmptyList<T> {
     }
 }
 
+/// A JSON object read as its entries, in the order written; a key given twice
+/// keeps its last value, as a map would. (A `BTreeMap` brings its tree code
+/// into the module, 4 to 5 KiB per key and value types, for a few entries.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pairs<K, V>(pub Vec<(K, V)>);
+
+impl<K, V> Default for Pairs<K, V> {
+    fn default() -> Self {
+        Pairs(Vec::new())
+    }
+}
+
+impl<K, V> IntoIterator for Pairs<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'de, K: Deserialize<'de> + PartialEq, V: Deserialize<'de>> Deserialize<'de> for Pairs<K, V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+        impl<'de, K: Deserialize<'de> + PartialEq, V: Deserialize<'de>> Visitor<'de> for Entries<K, V> {
+            type Value = Pairs<K, V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs: Vec<(K, V)> = Vec::new();
+                while let Some((key, value)) = map.next_entry()? {
+                    match pairs.iter_mut().find(|(k, _)| *k == key) {
+                        Some(pair) => pair.1 = value,
+                        None => pairs.push((key, value)),
+                    }
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        d.deserialize_map(Entries(std::marker::PhantomData))
+    }
+}
+
 /// A filter's own answer as written: `{"status": 429, "body": "..."}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -343,6 +390,8 @@ pub fn unique_names<'a>(
     }
     Ok(())
 }
+
+mod tree;
 
 #[cfg(feature = "schema")]
 mod schema;

@@ -107,16 +107,48 @@ fn names_and_header_names_are_checked() {
 
 #[test]
 fn hostile_nesting_is_refused_not_followed() {
-    // The spec types stop at the first level that does not fit...
+    // The spec types stop at the first level that does not fit (a struct is
+    // an object, never the list of its fields)...
     let deep = format!("{{\"list\": {}{}}}", "[".repeat(10_000), "]".repeat(10_000));
     assert_eq!(
         err(&deep),
-        "list[0][0]: invalid type: sequence, expected a duration like \"1s\""
+        "list[0]: invalid type: sequence, expected struct Inner"
     );
+    // ...a type that would descend meets the depth limit of the tree...
+    let e = parse_fragment::<serde_json::Value>(deep.as_bytes()).unwrap_err();
+    assert!(
+        e.message.starts_with("nested more than 64 levels deep"),
+        "{e}"
+    );
+    assert!(e.path.starts_with("list[0][0][0]"), "{e}");
     // ...and serde_json's recursion limit bounds whatever does descend.
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let e = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err();
     assert!(e.to_string().starts_with("recursion limit exceeded"), "{e}");
+}
+
+#[test]
+fn a_struct_is_an_object_only() {
+    assert_eq!(
+        err(r#"{"list": [["1s"]]}"#),
+        "list[0]: invalid type: sequence, expected struct Inner"
+    );
+}
+
+#[test]
+fn pairs_keep_the_order_written_and_the_last_of_a_repeated_key() {
+    let pairs = |text: &str| parse_fragment::<Pairs<String, Integer<0, 9>>>(text.as_bytes());
+    let got = pairs(r#"{"b": 1, "a": 2, "b": 3}"#).unwrap();
+    let got: Vec<(String, u64)> = got.into_iter().map(|(k, v)| (k, v.get())).collect();
+    assert_eq!(got, vec![("b".to_string(), 3), ("a".to_string(), 2)]);
+    assert_eq!(
+        pairs(r#"{"a": 10}"#).unwrap_err().to_string(),
+        "a: expected an integer from 0 to 9, got 10"
+    );
+    assert_eq!(
+        pairs("[1]").unwrap_err().to_string(),
+        "configuration: invalid type: sequence, expected a map"
+    );
 }
 
 #[test]
@@ -133,4 +165,20 @@ fn hostile_sizes_are_refused_and_not_echoed_in_full() {
     let e = err(&big);
     assert!(e.starts_with("name: \"éé"), "{e}");
     assert!(e.len() < 400 && e.ends_with("..."), "{e}");
+}
+
+#[test]
+fn type_errors_show_numbers_without_float_printing() {
+    assert_eq!(
+        err(r#"{"d": 100.0}"#),
+        "d: invalid type: floating point `100.0`, expected a duration like \"1s\""
+    );
+    assert_eq!(
+        err(r#"{"d": 1.5}"#),
+        "d: invalid type: a decimal number, expected a duration like \"1s\""
+    );
+    assert_eq!(
+        err(r#"{"d": true}"#),
+        "d: invalid type: boolean `true`, expected a duration like \"1s\""
+    );
 }
