@@ -71,6 +71,7 @@ struct Json<'a> {
     sizes: &'a [super::sizes::Size],
     startup: Vec<Entry<'a, Startup>>,
     memory: Vec<Entry<'a, &'a super::memory::Memory>>,
+    worker_memory: Vec<Entry<'a, &'a super::memory::WorkerMemory>>,
     valgrind: &'a str,
     instructions: Vec<Entry<'a, Instructions>>,
     hostcall_cost: Option<HostcallsJson<'a>>,
@@ -212,6 +213,11 @@ pub(crate) fn render(report: &Report) -> Result<String, String> {
             .collect(),
         memory: report
             .memory
+            .iter()
+            .map(|(case, r)| entry(case, r, |m| m))
+            .collect(),
+        worker_memory: report
+            .worker_memory
             .iter()
             .map(|(case, r)| entry(case, r, |m| m))
             .collect(),

@@ -27,9 +27,10 @@
 //!   requests with the wrk script's headers, waiting until it answers;
 //! - `wrk`: running wrk and reading its result line, the interleaved rounds;
 //! - `callgrind`: Envoy under valgrind, instructions per case and per host call;
-//! - `memory`: Envoy's resident memory after many distinct keys;
+//! - `memory`: Envoy's resident memory (distinct keys; several workers);
 //! - `sizes`: building the modules and their sizes;
-//! - `report`: the tables of results.md and the targets; `json`: results.json.
+//! - `report`: the tables of results.md; `targets`: the targets and each
+//!   filter's own work; `json`: results.json.
 
 mod callgrind;
 mod cases;
@@ -37,6 +38,7 @@ mod json;
 mod memory;
 mod report;
 mod sizes;
+mod targets;
 mod wrk;
 
 use std::fs;
@@ -46,7 +48,7 @@ use std::time::Instant;
 
 use callgrind::{measure_instructions, Valgrind};
 use cases::{measure_startup, Case, Running};
-use memory::measure_memory;
+use memory::{measure_memory, measure_worker_memory, WORKERS};
 use report::Report;
 use sizes::{build_modules, measure_sizes};
 use wrk::{measure_throughput, WARMUP_SECONDS};
@@ -59,6 +61,7 @@ pub(crate) const CASES: &[&str] = &[
     "router",
     "noop",
     "native-ratelimit",
+    "native-ratelimit-keyed",
     "ratelimit",
     "circuit-breaker",
     "lb-hints",
@@ -76,6 +79,8 @@ pub(crate) const NOOP: &str = "noop";
 /// Our four filters: each compared with `noop`; `all-four` with `four-noop`.
 pub(crate) const CHAIN: &str = "all-four";
 pub(crate) const CHAIN_FLOOR: &str = "four-noop";
+/// The four policies in one module (`filters/suite`), configured as `all-four`.
+pub(crate) const SUITE: &str = "suite";
 /// Cases whose start-up time is measured (module load grows with size).
 pub(crate) const STARTUP_CASES: &[&str] = &[
     "router",
@@ -93,6 +98,9 @@ pub(crate) const STARTUP_CASES: &[&str] = &[
 /// (A million requests take about three minutes through it on the 2-core
 /// machine; the router alone, measured in earlier runs, grew by 1.2 MiB.)
 pub(crate) const MEMORY_CASES: &[&str] = &["all-four"];
+/// Cases whose memory is measured with `memory::WORKERS` workers (a VM per
+/// worker and plugin): the router alone, four VMs per worker, one per worker.
+pub(crate) const WORKER_MEMORY_CASES: &[&str] = &["router", "all-four", "suite"];
 /// Cases that differ from `noop` / `ratelimit` only in how the module was
 /// optimized: their instructions per request are not counted under callgrind.
 pub(crate) const SIZE_VARIANTS: &[&str] = &["noop-wasm-opt", "ratelimit-as-built"];
@@ -101,8 +109,11 @@ pub(crate) const HOSTCALL_CASE: &str = "hostcall-cost";
 /// Calls per request when pricing a kind of host call.
 pub(crate) const HOSTCALLS_PER_REQUEST: u64 = 10;
 
-/// Targets from issue 8.
-pub(crate) const TARGET_VS_NOOP: f64 = 0.95;
+/// Targets (issue 16, by instructions per request; sizes and the chain from issue 8).
+pub(crate) const TARGET_SUITE: f64 = 300_000.0;
+/// A filter's cost over noop minus the priced host calls it makes.
+pub(crate) const TARGET_OWN_WORK: f64 = 2_000.0;
+pub(crate) const TARGET_RATELIMIT_OVER_ROUTER: f64 = 50_000.0;
 pub(crate) const TARGET_CHAIN_VS_FOUR_NOOP: f64 = 0.90;
 pub(crate) const TARGET_SIZE_BYTES: u64 = 200 * 1024;
 
@@ -256,6 +267,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Err(why) => println!("    {:<20} not available: {why}", case.name),
         }
         report.memory.push((case.name.clone(), result));
+    }
+
+    println!("==> Envoy's resident memory with --concurrency {WORKERS}, after warm-up");
+    for case in cases
+        .iter()
+        .filter(|c| WORKER_MEMORY_CASES.contains(&c.name.as_str()))
+    {
+        let result = measure_worker_memory(&envoy, &wrk, &root, case, &opts);
+        match &result {
+            Ok(m) => println!(
+                "    {:<20} VmRSS {:>7} KiB (allocator: {} KiB allocated, {} KiB heap)",
+                case.name, m.rss_kib, m.allocated_kib, m.heap_kib
+            ),
+            Err(why) => println!("    {:<20} not available: {why}", case.name),
+        }
+        report.worker_memory.push((case.name.clone(), result));
     }
 
     if opts.instructions {

@@ -9,14 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::callgrind::{Hostcalls, PerCase};
-use super::memory::Memory;
+use super::memory::{Memory, WorkerMemory};
 use super::sizes::{kib, Size};
 use super::wrk::{Sample, Throughput};
-use super::{
-    json, median, BASELINE, CHAIN, CHAIN_FLOOR, HOSTCALLS_PER_REQUEST, NOOP, STUB_BYTES,
-    TARGET_CHAIN_VS_FOUR_NOOP, TARGET_SIZE_BYTES, TARGET_VS_NOOP,
-};
-use crate::build;
+use super::{json, median, BASELINE, CHAIN, CHAIN_FLOOR, HOSTCALLS_PER_REQUEST, NOOP, SUITE};
 
 #[derive(Default)]
 pub(crate) struct Report {
@@ -31,6 +27,8 @@ pub(crate) struct Report {
     pub(crate) startup: Vec<(String, Result<Vec<f64>, String>)>,
     pub(crate) throughput: Vec<Throughput>,
     pub(crate) memory: Vec<(String, Result<Memory, String>)>,
+    /// Memory with `memory::WORKERS` workers, per case.
+    pub(crate) worker_memory: PerCase<WorkerMemory>,
     pub(crate) valgrind_version: String,
     /// Envoy instructions per request, per case (callgrind).
     pub(crate) instructions: PerCase<f64>,
@@ -119,58 +117,6 @@ impl Report {
             .and_then(|(_, r)| r.as_ref().ok().copied())
     }
 
-    /// Each target of issue 8: (what, where we stand, met?).
-    ///
-    /// A throughput target is judged by the instruction ratio when callgrind
-    /// ran: with one saturated worker, requests/s is the inverse of the cost
-    /// per request, and the instruction count is that cost without the
-    /// machine's noise (a 3-5 round median of requests/s on the shared 2-core
-    /// machine has come out 0.72 and 0.96 for the same module). Without
-    /// callgrind, by the requests/s ratio.
-    pub(crate) fn targets(&self) -> Vec<(String, String, Option<bool>)> {
-        let m = self.medians();
-        let mut out = Vec::new();
-        let mut judge = |case: &str, base: &str, target: f64| {
-            let what = format!("{case} >= {target:.2} x {base}");
-            let by_instructions = self.instruction_ratio(case, base);
-            let by_rps = Self::versus(&m, case, base);
-            let mut measured = Vec::new();
-            if let Some(i) = by_instructions {
-                measured.push(format!("{i:.2} by instructions"));
-            }
-            if let Some(r) = &by_rps {
-                measured.push(format!(
-                    "{:.2} by requests/s, {:.2} by CPU time",
-                    r.rps, r.cpu
-                ));
-            }
-            let met = by_instructions
-                .or(by_rps.map(|r| r.rps))
-                .map(|ratio| ratio >= target);
-            let measured = if measured.is_empty() {
-                "not available".to_string()
-            } else {
-                measured.join("; ")
-            };
-            out.push((what, measured, met));
-        };
-        for filter in build::FILTERS {
-            judge(filter, NOOP, TARGET_VS_NOOP);
-        }
-        judge(CHAIN, CHAIN_FLOOR, TARGET_CHAIN_VS_FOUR_NOOP);
-        for s in self.sizes.iter().filter(|s| s.module != NOOP) {
-            // What `cargo xtask build` ships: the module after wasm-opt when
-            // wasm-opt runs (dist/ may hold an older or unoptimized copy).
-            let what = format!("{}.wasm <= {} KiB", s.module, TARGET_SIZE_BYTES / 1024);
-            let shipped = s.optimized.as_ref().ok().copied().or(s.as_built);
-            out.push(match shipped.filter(|b| *b >= STUB_BYTES) {
-                Some(b) => (what, kib(b), Some(b <= TARGET_SIZE_BYTES)),
-                None => (what, "not available".into(), None),
-            });
-        }
-        out
-    }
-
     pub(crate) fn markdown(&self) -> String {
         let m = self.medians();
         let mut s = String::new();
@@ -236,6 +182,7 @@ impl Report {
             );
         }
         self.instructions_markdown(&mut s);
+        self.own_work_markdown(&mut s);
         let _ = writeln!(
             s,
             "\n### What the filters did: their non-zero counters after the rounds\n"
@@ -307,11 +254,12 @@ impl Report {
                 }
             }
         }
+        self.worker_memory_markdown(&mut s);
         let _ = writeln!(s, "\n### Targets\n");
         let _ = writeln!(
             s,
-            "Throughput targets are judged by the instruction ratio when callgrind ran \
-             (deterministic), else by requests/s.\n"
+            "Judged by Envoy instructions per request (callgrind, deterministic); \
+             \"not available\" when callgrind did not run or the case was not measured.\n"
         );
         let _ = writeln!(s, "| target | measured | met |");
         let _ = writeln!(s, "| --- | --- | --- |");
@@ -376,6 +324,14 @@ impl Report {
                 chain - floor
             );
         }
+        if let (Some(suite), Some(chain)) = (of(SUITE), of(CHAIN)) {
+            let _ = writeln!(
+                s,
+                "\n{SUITE} against {CHAIN}: {:+.0} instructions per request ({:+.1}%).",
+                suite - chain,
+                100.0 * (suite - chain) / chain
+            );
+        }
         match &self.hostcalls {
             None => {}
             Some(Err(why)) => {
@@ -396,6 +352,58 @@ impl Report {
                 for (call, cost) in &h.costs {
                     let share = noop.map_or("-".into(), |n| format!("{:.1}%", 100.0 * cost / n));
                     let _ = writeln!(s, "| `{call}` | {cost:.0} | {share} |");
+                }
+            }
+        }
+    }
+
+    fn worker_memory_markdown(&self, s: &mut String) {
+        if self.worker_memory.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Envoy resident memory with {} workers, after warm-up\n",
+            super::memory::WORKERS
+        );
+        let _ = writeln!(
+            s,
+            "VmRSS from /proc/<pid>/status: all the process holds, V8's own mappings \
+             (generated code, Wasm memories) included; Envoy's allocator stats \
+             (`server.memory_allocated`, `server.memory_heap_size`) for comparison, \
+             which do not see V8's mappings.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| case | VmRSS | + vs router | allocator: allocated | allocator: heap |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
+        let router = self
+            .worker_memory
+            .iter()
+            .find(|(c, _)| c == BASELINE)
+            .and_then(|(_, r)| r.as_ref().ok().map(|m| m.rss_kib));
+        let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+        for (case, r) in &self.worker_memory {
+            match r {
+                Ok(m) => {
+                    let plus = router.map_or("-".into(), |b| {
+                        format!("{:+.1} MiB", (m.rss_kib as f64 - b as f64) / 1024.0)
+                    });
+                    let _ = writeln!(
+                        s,
+                        "| {case} | {} | {plus} | {} | {} |",
+                        mib(m.rss_kib),
+                        mib(m.allocated_kib),
+                        mib(m.heap_kib)
+                    );
+                }
+                Err(why) => {
+                    let _ = writeln!(
+                        s,
+                        "| {case} | not available: {} | | | |",
+                        why.replace('|', "/")
+                    );
                 }
             }
         }
