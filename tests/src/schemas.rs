@@ -5,7 +5,13 @@
 use std::path::PathBuf;
 
 /// The filters with a configuration schema.
-pub const FILTERS: [&str; 4] = ["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+pub const FILTERS: [&str; 5] = [
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "suite",
+];
 
 /// The schema of `filter` as generated now, pretty-printed with a final newline.
 pub fn generated(filter: &str) -> Option<String> {
@@ -14,6 +20,7 @@ pub fn generated(filter: &str) -> Option<String> {
         "circuit-breaker" => circuit_breaker::spec::schema(),
         "lb-hints" => lb_hints::spec::schema(),
         "metrics" => metrics::spec::schema(),
+        "suite" => suite::schema(),
         _ => return None,
     };
     serde_json::to_string_pretty(&schema)

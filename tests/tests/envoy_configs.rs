@@ -110,12 +110,26 @@ fn stats_tags_in_envoy_yamls_use_the_filters_encoding() {
     }
 }
 
-#[test]
-fn the_demo_runs_and_shows_each_filter_working() {
-    let running = demo::start(std::path::Path::new("envoy/demo.yaml")).unwrap();
+/// The demo's ports are fixed: one demo at a time.
+static DEMO_PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run_demo(config: &str) {
+    let _ports = DEMO_PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let running = demo::start(std::path::Path::new(config)).unwrap();
     let mut lines = Vec::new();
     let report = demo::drive(&running, &mut |l| lines.push(l.to_string())).unwrap();
     demo::assert_each_filter_worked(&report, &lines);
+}
+
+#[test]
+fn the_demo_runs_and_shows_each_filter_working() {
+    run_demo("envoy/demo.yaml");
+}
+
+/// `cargo xtask demo --suite`: the same traffic and summary on the suite module.
+#[test]
+fn the_demo_on_the_suite_module_shows_each_policy_working() {
+    run_demo("envoy/suite.yaml");
 }
 
 /// The bench's native peer of our keyed ratelimit

@@ -3,6 +3,9 @@
 //! request for each). The build drops the others (`cargo xtask build`, from
 //! the module's `mesh_shared::stream_callbacks!` list); this checks that the
 //! list matches the adapter's code and that dist/ has exactly those exports.
+//! A filter's adapter logic is its part (`src/part.rs`, `mesh_shared::part`),
+//! its module (`src/filter.rs`) names the list; the suite's module handles the
+//! union of its four parts' callbacks.
 
 use std::collections::BTreeSet;
 
@@ -10,6 +13,11 @@ use mesh_shared::callbacks::DROPPABLE;
 use mesh_testkit::{repo_root, wasm_path};
 
 const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+
+/// The `mesh_shared::part::Part` method behind each droppable callback.
+fn part_method(callback: &str) -> String {
+    format!("fn on_{callback}(")
+}
 
 /// The SDK trait method behind each droppable callback.
 fn trait_method(callback: &str) -> String {
@@ -51,41 +59,73 @@ fn exported_callbacks(module: &[u8]) -> (BTreeSet<String>, BTreeSet<String>) {
     (stream, all)
 }
 
+fn source(module: &str, file: &str) -> String {
+    std::fs::read_to_string(
+        repo_root()
+            .join("filters")
+            .join(module)
+            .join("src")
+            .join(file),
+    )
+    .unwrap()
+}
+
+/// The callbacks a filter's part implements.
+fn handled_by_part(filter: &str) -> BTreeSet<String> {
+    let part = source(filter, "part.rs");
+    DROPPABLE
+        .iter()
+        .filter(|cb| part.contains(&part_method(cb)))
+        .map(|cb| cb.to_string())
+        .collect()
+}
+
+fn assert_exports(module: &str, declared: &BTreeSet<String>) {
+    let bytes = std::fs::read(wasm_path(module)).unwrap();
+    let (stream, all) = exported_callbacks(&bytes);
+    assert_eq!(&stream, declared, "{module}: exported stream callbacks");
+    for needed in [
+        "proxy_on_delete",
+        "proxy_on_context_create",
+        "proxy_on_configure",
+        "proxy_on_vm_start",
+        "malloc",
+    ] {
+        assert!(all.contains(needed), "{module} must still export {needed}");
+    }
+    assert!(
+        all.iter().any(|n| n.starts_with("proxy_abi_version_")),
+        "{module}: the ABI version export is gone"
+    );
+}
+
 #[test]
 fn each_filter_exports_exactly_the_stream_callbacks_its_adapter_handles() {
     for filter in FILTERS {
-        let source = std::fs::read_to_string(
-            repo_root()
-                .join("filters")
-                .join(filter)
-                .join("src/filter.rs"),
-        )
-        .unwrap();
-        let implemented: BTreeSet<String> = DROPPABLE
-            .iter()
-            .filter(|cb| source.contains(&trait_method(cb)))
-            .map(|cb| cb.to_string())
-            .collect();
-        let declared = declared(&source);
+        let implemented = handled_by_part(filter);
+        let declared = declared(&source(filter, "filter.rs"));
         assert_eq!(
             declared, implemented,
-            "{filter}: stream_callbacks! must name exactly the callbacks filter.rs implements"
+            "{filter}: stream_callbacks! in filter.rs must name exactly the callbacks part.rs implements"
         );
-        let module = std::fs::read(wasm_path(filter)).unwrap();
-        let (stream, all) = exported_callbacks(&module);
-        assert_eq!(stream, declared, "{filter}: exported stream callbacks");
-        for needed in [
-            "proxy_on_delete",
-            "proxy_on_context_create",
-            "proxy_on_configure",
-            "proxy_on_vm_start",
-            "malloc",
-        ] {
-            assert!(all.contains(needed), "{filter} must still export {needed}");
-        }
+        assert_exports(filter, &declared);
+    }
+}
+
+#[test]
+fn the_suite_exports_the_union_of_its_parts_callbacks() {
+    let union: BTreeSet<String> = FILTERS.iter().flat_map(|f| handled_by_part(f)).collect();
+    let suite = source("suite", "filter.rs");
+    let declared = declared(&suite);
+    assert_eq!(
+        declared, union,
+        "suite: stream_callbacks! must name the parts' union"
+    );
+    for cb in &union {
         assert!(
-            all.iter().any(|n| n.starts_with("proxy_abi_version_")),
-            "{filter}: the ABI version export is gone"
+            suite.contains(&trait_method(cb)),
+            "suite: filter.rs does not pass {cb} on to its parts"
         );
     }
+    assert_exports("suite", &declared);
 }

@@ -502,7 +502,11 @@ fn virtual_service_routes() -> BTreeSet<String> {
 }
 
 fn routes_named_by(config: &Value) -> Vec<String> {
-    let mut names = Vec::new();
+    // The suite's parts (each a filter's configuration under its name).
+    let mut names: Vec<String> = ["ratelimit", "lb_hints", "circuit_breaker"]
+        .iter()
+        .flat_map(|part| routes_named_by(&config[*part]))
+        .collect();
     for rule in config["rules"].as_array().into_iter().flatten() {
         match &rule["match"]["route"] {
             Value::String(s) => names.push(s.clone()),

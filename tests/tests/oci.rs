@@ -14,7 +14,13 @@ use mesh_testkit::{repo_root, wasm_path};
 use serde_json::Value;
 use support::skopeo::{plugin_wasm_from, pull, run};
 
-const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+const FILTERS: &[&str] = &[
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "suite",
+];
 const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
 const WASM_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -51,7 +57,7 @@ fn push_all_filters_in_three_formats_and_pull_them_back_by_digest() {
         .collect();
     assert_eq!(
         pushed.len(),
-        12,
+        3 * FILTERS.len(),
         "one line per filter and format:\n{stdout}"
     );
 

@@ -38,6 +38,7 @@ fn verdicts(filter: &str, config: &Value) -> (Result<(), String>, Result<(), Str
         "circuit-breaker" => circuit_breaker::Config::parse(&bytes, "t").map(|_| ()),
         "lb-hints" => lb_hints::Config::parse(&bytes, "t").map(|_| ()),
         "metrics" => metrics::Config::parse(&bytes).map(|_| ()),
+        "suite" => suite::Config::parse(&bytes, "t").map(|_| ()),
         other => panic!("no filter {other}"),
     }
     .map_err(|e| e.to_string());

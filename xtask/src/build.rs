@@ -13,7 +13,18 @@ use std::time::{Duration, Instant};
 
 use crate::{cargo, run};
 
-pub const FILTERS: &[&str] = &["ratelimit", "circuit-breaker", "lb-hints", "metrics"];
+pub const FILTERS: &[&str] = &[
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "suite",
+];
+
+/// Modules built by a cargo run of their own: the suite links the filter
+/// crates without their `module` feature, which a shared run would turn on
+/// for it too (cargo unifies features), linking the filters' entry points twice.
+const BUILT_ALONE: &[&str] = &["suite"];
 /// Modules that are not filters (never packaged or pushed), built with the
 /// filters so the tests and the bench configs in envoy/bench find them in dist/:
 /// the panic probe of the failure-policy tests, the bench's no-op floor and
@@ -22,6 +33,7 @@ pub const TEST_MODULES: &[&str] = &["panic-probe", "noop", "hostcall-cost"];
 pub const TARGET: &str = "wasm32-unknown-unknown";
 const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 
+#[derive(Clone, Copy)]
 pub enum Toolchain {
     Rustup,
     Debian,
@@ -58,45 +70,14 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
     }
     let root = mesh_testkit::repo_root();
     let toolchain = pick_toolchain()?;
-    let packages: Vec<String> = filters
-        .iter()
-        .flat_map(|f| ["-p".to_string(), f.to_string()])
-        .collect();
-    let target_dir = match toolchain {
-        Toolchain::Rustup => {
-            println!("==> building filters with rustup's {TARGET} target");
-            run(cargo()
-                .current_dir(&root)
-                .args(["build", "--release", "--target", TARGET])
-                .args(&packages))?;
-            root.join("target")
+    let (alone, shared): (Vec<&str>, Vec<&str>) =
+        filters.iter().partition(|f| BUILT_ALONE.contains(f));
+    let mut target_dir = root.join("target");
+    for group in std::iter::once(shared).chain(alone.into_iter().map(|f| vec![f])) {
+        if !group.is_empty() {
+            target_dir = cargo_build(&root, toolchain, &group)?;
         }
-        Toolchain::Debian => {
-            println!("==> building filters with Debian's rustc-web and -Zbuild-std");
-            let dir = root.join("target/debian-wasm");
-            debian_cargo(&root)?
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    TARGET,
-                    "-Zbuild-std=std,panic_abort",
-                ])
-                .arg("--target-dir")
-                .arg(&dir)
-                .args(&packages)
-                .status()
-                .map_err(|e| e.to_string())
-                .and_then(|s| {
-                    if s.success() {
-                        Ok(())
-                    } else {
-                        Err(format!("Debian wasm build failed ({s})"))
-                    }
-                })?;
-            dir
-        }
-    };
+    }
     let dist = mesh_testkit::dist_dir();
     std::fs::create_dir_all(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
     let wasm_opt = wasm_opt(&root);
@@ -137,6 +118,49 @@ pub fn build(filters: &[&str]) -> Result<Toolchain, String> {
         println!("    {:<40} {:>7.1} KiB{note}", out.display(), kib(&out));
     }
     Ok(toolchain)
+}
+
+/// One cargo build of `group` for wasm32; returns the target directory.
+fn cargo_build(root: &Path, toolchain: Toolchain, group: &[&str]) -> Result<PathBuf, String> {
+    let packages: Vec<String> = group
+        .iter()
+        .flat_map(|f| ["-p".to_string(), f.to_string()])
+        .collect();
+    Ok(match toolchain {
+        Toolchain::Rustup => {
+            println!("==> building filters with rustup's {TARGET} target");
+            run(cargo()
+                .current_dir(root)
+                .args(["build", "--release", "--target", TARGET])
+                .args(&packages))?;
+            root.join("target")
+        }
+        Toolchain::Debian => {
+            println!("==> building filters with Debian's rustc-web and -Zbuild-std");
+            let dir = root.join("target/debian-wasm");
+            debian_cargo(root)?
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    TARGET,
+                    "-Zbuild-std=std,panic_abort",
+                ])
+                .arg("--target-dir")
+                .arg(&dir)
+                .args(&packages)
+                .status()
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    if s.success() {
+                        Ok(())
+                    } else {
+                        Err(format!("Debian wasm build failed ({s})"))
+                    }
+                })?;
+            dir
+        }
+    })
 }
 
 /// The wasm features rustc emits for wasm32-unknown-unknown; binaryen must be

@@ -1,20 +1,26 @@
 //! `cargo xtask demo`: build, start the demo Envoy and upstreams, drive
 //! traffic that shows each filter, print a summary. Interactive runs then keep
 //! everything up until Ctrl-C (Envoy, in our process group, stops with us);
-//! `--once` or a non-terminal stdin exits right after the summary.
+//! `--once` or a non-terminal stdin exits right after the summary. `--suite`
+//! runs the same demo on the suite module (`envoy/suite.yaml`).
 
 use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let once = args.iter().any(|a| a == "--once") || !std::io::stdin().is_terminal();
+    let config = if args.iter().any(|a| a == "--suite") {
+        "envoy/suite.yaml"
+    } else {
+        "envoy/demo.yaml"
+    };
     crate::build::build_all()?;
     let envoy = mesh_testkit::envoy_binary()?;
     println!(
-        "==> starting Envoy ({}) with envoy/demo.yaml and upstreams v1 (:8081), v2 (:8082)",
+        "==> starting Envoy ({}) with {config} and upstreams v1 (:8081), v2 (:8082)",
         envoy.display()
     );
-    let demo = mesh_testkit::demo::start(Path::new("envoy/demo.yaml"))?;
+    let demo = mesh_testkit::demo::start(Path::new(config))?;
     println!(
         "==> Envoy is up: listener 127.0.0.1:{}, admin 127.0.0.1:{}\n",
         demo.envoy.port(),

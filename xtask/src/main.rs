@@ -3,6 +3,7 @@
 //!   build   build every filter (or the ones named) to dist/<filter>.wasm, size-optimised
 //!   test    build, install Envoy if needed, then lint and run the whole test suite
 //!   demo    build, start Envoy with all filters in front of two upstreams, show them work
+//!           (`--suite`: the same on the suite module, envoy/suite.yaml)
 //!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
 //!   push    push the filters as OCI images (README "OCI images")
 //!   upstreams  run the demo's upstreams v1 (:8081) and v2 (:8082) until Ctrl-C (for docker compose / func-e)

@@ -14,6 +14,9 @@ pub mod spec;
 pub mod table;
 
 #[cfg(target_arch = "wasm32")]
+pub mod part;
+// The module's entry points; off when the suite links this crate for its part.
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
 mod filter;
 
 use mesh_shared::config::LocalResponse;

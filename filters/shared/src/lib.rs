@@ -13,6 +13,8 @@ pub mod duration;
 pub mod hash;
 pub mod matcher;
 pub mod outcome;
+#[cfg(target_arch = "wasm32")]
+pub mod part;
 pub mod request;
 pub mod route_metadata;
 pub mod spec;

@@ -43,7 +43,7 @@ func RepoRoot() string {
 
 // Manifests is the YAML of `istio/reviews-routing.yaml` and every file in
 // `istio/<form>/` (form "wasmplugins" or "trafficextensions"), as one
-// multi-document string, in file name order.
+// multi-document string, in file name order (without suite.yaml).
 func Manifests(form string) (string, error) {
 	root := filepath.Join(RepoRoot(), "istio")
 	files, err := filepath.Glob(filepath.Join(root, form, "*.yaml"))
@@ -53,6 +53,15 @@ func Manifests(form string) (string, error) {
 	if len(files) == 0 {
 		return "", fmt.Errorf("no manifests in %s", filepath.Join(root, form))
 	}
+	// suite.yaml runs the four policies in one plugin: it replaces the other
+	// manifests, and applied with them each policy would run twice.
+	kept := files[:0]
+	for _, f := range files {
+		if filepath.Base(f) != "suite.yaml" {
+			kept = append(kept, f)
+		}
+	}
+	files = kept
 	sort.Strings(files)
 	files = append([]string{filepath.Join(root, "reviews-routing.yaml")}, files...)
 	var b strings.Builder

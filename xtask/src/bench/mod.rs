@@ -67,6 +67,7 @@ pub(crate) const CASES: &[&str] = &[
     "lb-hints",
     "metrics",
     "all-four",
+    "suite",
     "four-noop",
     "noop-wasm-opt",
     "ratelimit-as-built",
@@ -92,6 +93,7 @@ pub(crate) const STARTUP_CASES: &[&str] = &[
     "lb-hints",
     "metrics",
     "all-four",
+    "suite",
 ];
 /// Cases whose memory is measured after `--memory-requests` distinct keys:
 /// all-four holds the keyed state of ratelimit and the label sets of metrics.

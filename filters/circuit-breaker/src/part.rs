@@ -1,0 +1,281 @@
+//! circuit-breaker's adapter logic as a part (`mesh_shared::part`): the
+//! policy compiles the configuration once, the stream asks the core, answers
+//! locally while a breaker is open, and reports each call's outcome. Run alone
+//! by this crate's module (`filter.rs`) and by the suite, where lb-hints'
+//! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use mesh_shared::clock::Clock;
+use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
+use mesh_shared::part::{Exchange, Flow, Part, Policy};
+use mesh_shared::request::{Attribute, Request};
+use mesh_shared::stats::stat_name;
+
+use crate::{Call, Change, CircuitBreaker, Config, Response, Slot, Summary, Transition, Verdict};
+
+pub const FILTER: &str = "circuit-breaker";
+
+/// Stat ids of one rule, defined once at configure time.
+struct RuleStats {
+    state: Metric,
+    open_breakers: Metric,
+    opened: Metric,
+    rejected: Metric,
+    /// `mesh_circuit_calls_total{rule, outcome}`.
+    calls: OutcomeCounters,
+    overflow: Metric,
+}
+
+impl RuleStats {
+    fn define(rule: &str) -> RuleStats {
+        let tags = [("rule", rule)];
+        RuleStats {
+            state: Metric::gauge(&stat_name("mesh_circuit_state", &tags)),
+            open_breakers: Metric::gauge(&stat_name("mesh_circuit_open_breakers", &tags)),
+            opened: Metric::counter(&stat_name("mesh_circuit_opened_total", &tags)),
+            rejected: Metric::counter(&stat_name("mesh_circuit_rejected_total", &tags)),
+            calls: OutcomeCounters::define("mesh_circuit_calls_total", rule),
+            overflow: Metric::counter(&stat_name("mesh_circuit_overflow_total", &tags)),
+        }
+    }
+
+    fn show(&self, summary: Summary) {
+        self.state.record(summary.worst() as u64);
+        self.open_breakers.record(u64::from(summary.open));
+    }
+}
+
+/// The configured filter: the breakers and their stat ids.
+pub struct Breaker {
+    breaker: CircuitBreaker,
+    stats: Vec<RuleStats>,
+}
+
+impl Breaker {
+    /// Books a state change: summary, published cluster status, stats.
+    fn report(&self, change: &Change) {
+        let summary = self.breaker.apply(&HostStore, change);
+        let Some(stats) = self.stats.get(change.rule) else {
+            return;
+        };
+        if change.transition.is_some_and(Transition::opened) {
+            stats.opened.add(1);
+        }
+        if let Some(summary) = summary {
+            stats.show(summary);
+        }
+    }
+
+    /// Refreshes every rule's gauges from shared data.
+    fn show_all(&self) {
+        for (rule, stats) in self.breaker.config.rules.iter().zip(&self.stats) {
+            stats.show(rule.table.summary(&HostStore));
+        }
+    }
+}
+
+impl Breaker {
+    /// Creates the breaker tables and defines the stats (configure time).
+    pub fn new(config: Config) -> Breaker {
+        let breaker = CircuitBreaker::new(config);
+        breaker.create_tables(&HostStore, HostClock.now_nanos());
+        let stats = breaker
+            .config
+            .rules
+            .iter()
+            .map(|r| RuleStats::define(&r.name))
+            .collect();
+        let state = Breaker { breaker, stats };
+        state.show_all();
+        log::info!(
+            "{FILTER}: configured {} rule(s)",
+            state.breaker.config.rules.len()
+        );
+        state
+    }
+}
+
+impl Policy for Breaker {
+    type Stream = BreakerStream;
+
+    fn stream(self: &Rc<Self>, _ex: &mut Exchange) -> BreakerStream {
+        BreakerStream {
+            state: Rc::clone(self),
+            call: None,
+            deferred: None,
+            replied: false,
+        }
+    }
+
+    // Gauges are set by whichever worker changes a breaker; the tick
+    // repairs the rare case of two workers setting them out of order.
+    fn tick_period(&self) -> Option<Duration> {
+        Some(Duration::from_secs(1))
+    }
+
+    fn tick(&self) {
+        self.show_all();
+    }
+}
+
+/// One request's breaker state.
+pub struct BreakerStream {
+    state: Rc<Breaker>,
+    /// The call let through, until its outcome is recorded.
+    call: Option<Call>,
+    /// A `Verdict::Deferred` call (rule, start time), until it is settled.
+    deferred: Option<(usize, u64)>,
+    /// We answered locally; Envoy still runs our response callbacks for it.
+    replied: bool,
+}
+
+/// The request with the cluster lb-hints chose as its `cluster` attribute.
+struct WithCluster<'a> {
+    request: &'a mut Exchange,
+    cluster: &'a [u8],
+}
+
+impl Request for WithCluster<'_> {
+    fn header(&mut self, name: &str) -> Option<&[u8]> {
+        self.request.header(name)
+    }
+
+    fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
+        match attr {
+            Attribute::Cluster => Some(self.cluster),
+            _ => self.request.attribute(attr),
+        }
+    }
+
+    fn route_metadata(&mut self, filter: &str) -> Option<&[u8]> {
+        self.request.route_metadata(filter)
+    }
+}
+
+impl BreakerStream {
+    fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
+        let started = match (&self.call, self.deferred) {
+            (Some(call), _) => call.started,
+            (None, Some((_, started))) => started,
+            (None, None) => return,
+        };
+        let state = Rc::clone(&self.state);
+        let now = ex.now();
+        let details = host::property(&["response", "code_details"]);
+        let response = Response {
+            code: ex.response_code(),
+            details: details.as_deref(),
+            duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
+        };
+        let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
+            (Some(call), _) => {
+                // Only a cluster breaker needs to know who served the call.
+                let served_by = call.cluster.as_ref().and_then(|_| ex.served_cluster());
+                let (outcome, changes) =
+                    state
+                        .breaker
+                        .complete(&HostStore, &call, served_by.as_deref(), response, now);
+                (call.rule, outcome, changes)
+            }
+            (None, Some((rule, _))) => {
+                // The router has chosen the cluster by now.
+                let Some(cluster) = ex.served_cluster() else {
+                    return;
+                };
+                let (outcome, changes) = state
+                    .breaker
+                    .settle(&HostStore, rule, &cluster, started, response, now);
+                (rule, outcome, changes)
+            }
+            (None, None) => return,
+        };
+        if details.as_deref() != Some(b"via_upstream") && log::log_enabled!(log::Level::Debug) {
+            // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
+            let details = std::str::from_utf8(details.as_deref().unwrap_or_default());
+            log::debug!(
+                "{FILTER}: no upstream status, response.code_details \"{}\": {}",
+                details.unwrap_or("?"),
+                outcome.label().unwrap_or("ignored")
+            );
+        }
+        if let Some(stats) = state.stats.get(rule) {
+            stats.calls.count(outcome);
+        }
+        for change in &changes {
+            state.report(change);
+        }
+    }
+}
+
+impl Part for BreakerStream {
+    fn on_log(&mut self, ex: &mut Exchange) {
+        // The stream ended without response headers (a reset, or the client left).
+        self.finish(ex, false);
+    }
+
+    fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
+        let state = &self.state;
+        let now = ex.now();
+        let verdict = match ex.target_cluster().map(str::to_string) {
+            // The suite's lb-hints chose the target: its cluster is the scope.
+            Some(cluster) => state.breaker.check(
+                &mut WithCluster {
+                    request: ex,
+                    cluster: cluster.as_bytes(),
+                },
+                &HostStore,
+                now,
+            ),
+            None => state.breaker.check(ex, &HostStore, now),
+        };
+        if let Some(change) = verdict.change() {
+            state.report(change);
+        }
+        match verdict {
+            Verdict::Pass { call, .. } => {
+                if call.slot == Slot::Overflow {
+                    if let Some(stats) = state.stats.get(call.rule) {
+                        stats.overflow.add(1);
+                    }
+                }
+                self.call = Some(call);
+                Flow::Continue
+            }
+            Verdict::Reject {
+                rule,
+                state: circuit,
+                retry_after_secs,
+                ..
+            } => {
+                if let Some(stats) = state.stats.get(rule) {
+                    stats.rejected.add(1);
+                }
+                let headers = CircuitBreaker::reject_headers(circuit, retry_after_secs);
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                let response = &state.breaker.config.response;
+                host::send_local_reply(response.status, &headers, response.body.as_bytes());
+                self.replied = true;
+                Flow::Answered
+            }
+            Verdict::Deferred { rule, started } => {
+                self.deferred = Some((rule, started));
+                Flow::Continue
+            }
+            Verdict::NoRule | Verdict::FailedOpen { .. } => Flow::Continue,
+        }
+    }
+
+    fn on_response_headers(&mut self, ex: &mut Exchange) {
+        if !self.replied {
+            self.finish(ex, true);
+        }
+    }
+}
+
+/// Reads the plugin configuration (circuit-breaker's own module).
+pub fn configure() -> Option<Breaker> {
+    host::load_config(FILTER, Config::parse).map(Breaker::new)
+}

@@ -1,0 +1,214 @@
+//! The suite module: the four filters' parts (`mesh_shared::part`) in one
+//! VM, one pass over each request in the order metrics -> ratelimit ->
+//! lb-hints -> circuit-breaker, sharing one `Exchange` per request.
+
+use std::rc::Rc;
+
+use circuit_breaker::part::{Breaker, BreakerStream};
+use lb_hints::part::{LbHints, LbHintsStream};
+use mesh_shared::host;
+use mesh_shared::part::{action, Exchange, Flow, Part, Policy};
+use metrics::part::{Metrics, MetricsStream};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use ratelimit::part::{Ratelimit, RatelimitStream};
+
+use crate::Config;
+
+const MODULE: &str = "suite";
+
+proxy_wasm::main! {{
+    host::init_logging(MODULE);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, parts: None })
+    });
+}}
+
+/// The configured parts; `None` is off.
+struct Parts {
+    metrics: Option<Rc<Metrics>>,
+    ratelimit: Option<Rc<Ratelimit>>,
+    lb_hints: Option<Rc<LbHints>>,
+    breaker: Option<Rc<Breaker>>,
+}
+
+struct Root {
+    context_id: u32,
+    parts: Option<Parts>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some((config, scope)) = host::load_config(MODULE, |bytes, scope| {
+            Ok((Config::parse(bytes, scope)?, scope.to_string()))
+        }) else {
+            return false;
+        };
+        let parts = Parts {
+            metrics: config.metrics.map(|c| Rc::new(Metrics::new(c, &scope))),
+            ratelimit: config.ratelimit.map(|c| Rc::new(Ratelimit::new(c))),
+            lb_hints: config
+                .lb_hints
+                .map(|c| Rc::new(LbHints::new(c, self.context_id))),
+            breaker: config.circuit_breaker.map(|c| Rc::new(Breaker::new(c))),
+        };
+        if let Some(period) = parts.breaker.as_ref().and_then(|b| b.tick_period()) {
+            self.set_tick_period(period);
+        }
+        self.parts = Some(parts);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(breaker) = self.parts.as_ref().and_then(|p| p.breaker.as_ref()) {
+            breaker.tick();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let parts = self.parts.as_ref()?;
+        // Only the suite's lb-hints re-routes (docs/suite.md).
+        let mut ex = Exchange::new(false);
+        Some(Box::new(Stream {
+            metrics: parts.metrics.as_ref().map(|p| p.stream(&mut ex)),
+            ratelimit: parts.ratelimit.as_ref().map(|p| p.stream(&mut ex)),
+            lb_hints: parts.lb_hints.as_ref().map(|p| p.stream(&mut ex)),
+            breaker: parts.breaker.as_ref().map(|p| p.stream(&mut ex)),
+            ex,
+            resume_at: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One request through the parts that are on.
+struct Stream {
+    ex: Exchange,
+    metrics: Option<MetricsStream>,
+    ratelimit: Option<RatelimitStream>,
+    lb_hints: Option<LbHintsStream>,
+    breaker: Option<BreakerStream>,
+    /// The first part whose request phase has not run yet (after a pause).
+    resume_at: usize,
+}
+
+fn on(part: &mut Option<impl Part>) -> Option<&mut dyn Part> {
+    part.as_mut().map(|p| p as &mut dyn Part)
+}
+
+impl Stream {
+    /// The request, the parts in pass order.
+    fn parts(&mut self) -> (&mut Exchange, [Option<&mut dyn Part>; 4]) {
+        (
+            &mut self.ex,
+            [
+                on(&mut self.metrics),
+                on(&mut self.ratelimit),
+                on(&mut self.lb_hints),
+                on(&mut self.breaker),
+            ],
+        )
+    }
+
+    /// Runs the request phase of the parts from `resume_at` on, until one
+    /// answers locally or pauses.
+    fn request_phase(&mut self) -> Flow {
+        let from = self.resume_at;
+        let (ex, parts) = self.parts();
+        let mut stopped = (usize::MAX, Flow::Continue);
+        for (i, part) in parts.into_iter().enumerate().skip(from) {
+            let Some(part) = part else { continue };
+            match part.on_request_headers(ex) {
+                Flow::Continue => {}
+                Flow::Answered => {
+                    stopped = (usize::MAX, Flow::Answered);
+                    break;
+                }
+                Flow::Paused => {
+                    stopped = (i + 1, Flow::Paused);
+                    break;
+                }
+            }
+        }
+        self.resume_at = stopped.0;
+        stopped.1
+    }
+}
+
+// The union of the stream callbacks the parts handle; the build drops the
+// exports of the others (mesh_shared::callbacks).
+mesh_shared::stream_callbacks!(
+    "request_headers",
+    "request_body",
+    "response_headers",
+    "response_body",
+    "log",
+    "done"
+);
+
+impl Context for Stream {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        self.ex.next_callback();
+        let Some(ratelimit) = self.ratelimit.as_mut() else {
+            return;
+        };
+        let answer =
+            ratelimit.on_grpc_call_response(&mut self.ex, token_id, status_code, response_size);
+        // The answer lets the request go on: the remaining parts run now.
+        if answer == Some(Flow::Continue) && self.request_phase() == Flow::Continue {
+            host::resume_request();
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.ex.next_callback();
+        let (ex, parts) = self.parts();
+        for part in parts.into_iter().flatten() {
+            part.on_done(ex);
+        }
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        action(self.request_phase())
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if let Some(m) = self.metrics.as_mut() {
+            m.on_request_body(body_size);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        self.ex.next_callback();
+        // Response order, as Envoy runs a chain's encoders: last part first.
+        let (ex, parts) = self.parts();
+        for part in parts.into_iter().rev().flatten() {
+            part.on_response_headers(ex);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if let Some(m) = self.metrics.as_mut() {
+            m.on_response_body(body_size);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.ex.next_callback();
+        let (ex, parts) = self.parts();
+        for part in parts.into_iter().flatten() {
+            part.on_log(ex);
+        }
+    }
+}
