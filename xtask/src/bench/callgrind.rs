@@ -202,6 +202,7 @@ pub(crate) fn measure_instructions(
         if let Some(why) = case.unavailable(root) {
             return Err(why);
         }
+        case.ports_free()?;
         let mut counted =
             Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
         counted.wait_answering(START_LIMIT, || case.probe())?;
@@ -295,6 +296,7 @@ pub(crate) fn measure_hostcalls(
     }
     let dir = root.join("target/bench/callgrind");
     let started = Instant::now();
+    case.ports_free()?;
     let mut counted = Counted::start(valgrind, envoy, root, &case.file, &dir, &case.name, base_id)?;
     counted.wait_answering(START_LIMIT, || case.probe())?;
     let n = (opts.counted_requests * 3 / 10).max(100);

@@ -67,6 +67,21 @@ impl Case {
             })
     }
 
+    /// The case's ports are fixed: when something already listens on one (another
+    /// bench run, on a shared machine), this Envoy could not bind it, and the probe
+    /// would be answered by the other process.
+    pub(crate) fn ports_free(&self) -> Result<(), String> {
+        for port in [self.listener_port, self.admin_port] {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Err(format!(
+                    "port {port} of envoy/bench/{}.yaml is in use (another bench running?)",
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// One request with the headers the wrk script sends; Ok if answered 200.
     pub(crate) fn probe(&self) -> Result<(), String> {
         send_requests(self.listener_port, 1, 1, None)
@@ -92,6 +107,7 @@ impl Running {
         case: &Case,
         concurrency: u32,
     ) -> Result<Running, String> {
+        case.ports_free()?;
         let log_name = match concurrency {
             1 => format!("{}.log", case.name),
             n => format!("{}-c{n}.log", case.name),
