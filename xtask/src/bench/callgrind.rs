@@ -290,7 +290,7 @@ pub(crate) fn measure_hostcalls(
     opts: &Options,
     base_id: u32,
 ) -> Result<Hostcalls, String> {
-    let case = Case::load(root, HOSTCALL_CASE)?;
+    let case = Case::load(root, HOSTCALL_CASE, opts.port_offset)?;
     if let Some(why) = case.unavailable(root) {
         return Err(why);
     }

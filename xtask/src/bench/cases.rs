@@ -22,9 +22,24 @@ pub(crate) struct Case {
 }
 
 impl Case {
-    pub(crate) fn load(root: &Path, name: &str) -> Result<Case, String> {
-        let file = root.join("envoy/bench").join(format!("{name}.yaml"));
-        let text = fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    /// `envoy/bench/<name>.yaml`; with a `port_offset`, a copy in
+    /// target/bench/cases/ with every bench port (18000-19999) moved by it, so
+    /// two bench runs can share a machine.
+    pub(crate) fn load(root: &Path, name: &str, port_offset: u16) -> Result<Case, String> {
+        let source = root.join("envoy/bench").join(format!("{name}.yaml"));
+        let text = fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+        let (file, text) = match port_offset {
+            0 => (source, text),
+            offset => {
+                let text = offset_ports(&text, offset);
+                let dir = root.join("target/bench/cases");
+                let copy = dir.join(format!("{name}.yaml"));
+                fs::create_dir_all(&dir)
+                    .and_then(|()| fs::write(&copy, &text))
+                    .map_err(|e| format!("{}: {e}", copy.display()))?;
+                (copy, text)
+            }
+        };
         let description = text
             .lines()
             .next()
@@ -86,6 +101,33 @@ impl Case {
     pub(crate) fn probe(&self) -> Result<(), String> {
         send_requests(self.listener_port, 1, 1, None)
     }
+}
+
+/// `text` with every `port_value: N` for N in 18000-19999 moved by `offset`.
+fn offset_ports(text: &str, offset: u16) -> String {
+    const KEY: &str = "port_value:";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEY) {
+        let (head, tail) = rest.split_at(at + KEY.len());
+        out.push_str(head);
+        let spaces = tail.len() - tail.trim_start().len();
+        let digits = tail[spaces..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .count();
+        let number = &tail[spaces..spaces + digits];
+        out.push_str(&tail[..spaces]);
+        match number.parse::<u16>() {
+            Ok(port) if (18000..20000).contains(&port) => {
+                out.push_str(&port.saturating_add(offset).to_string())
+            }
+            _ => out.push_str(number),
+        }
+        rest = &tail[spaces + digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An Envoy running one case, killed on drop.
@@ -264,4 +306,16 @@ pub(crate) fn measure_startup(envoy: &Path, root: &Path, case: &Case) -> Result<
             Ok(took.as_secs_f64() * 1000.0)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn moves_only_the_bench_ports() {
+        let text = "admin: { port_value: 19001 }\nlisten: { port_value:18001 }\nother: { port_value: 8080 }\n";
+        assert_eq!(
+            super::offset_ports(text, 500),
+            "admin: { port_value: 19501 }\nlisten: { port_value:18501 }\nother: { port_value: 8080 }\n"
+        );
+    }
 }

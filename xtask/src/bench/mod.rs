@@ -54,7 +54,7 @@ use sizes::{build_modules, measure_sizes};
 use wrk::{measure_throughput, WARMUP_SECONDS};
 
 pub(crate) const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--seconds S] [--connections C] \
-[--keys K] [--memory-requests N] [--counted-requests N] [--cases a,b,...] [--no-instructions] [--no-build]";
+[--keys K] [--memory-requests N] [--counted-requests N] [--cases a,b,...] [--port-offset N] [--no-instructions] [--no-build]";
 
 /// The cases in the order they run in every round; `envoy/bench/<name>.yaml`.
 pub(crate) const CASES: &[&str] = &[
@@ -135,6 +135,8 @@ pub(crate) struct Options {
     pub(crate) cases: Vec<String>,
     pub(crate) instructions: bool,
     pub(crate) build: bool,
+    /// Added to every port of the case files (run copies under target/bench/cases/).
+    pub(crate) port_offset: u16,
 }
 
 impl Options {
@@ -149,6 +151,7 @@ impl Options {
             cases: CASES.iter().map(|c| c.to_string()).collect(),
             instructions: true,
             build: true,
+            port_offset: 0,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -172,6 +175,12 @@ impl Options {
                     if let Some(bad) = o.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
                         return Err(format!("unknown case {bad}; cases: {}", CASES.join(", ")));
                     }
+                }
+                "--port-offset" => {
+                    o.port_offset = u16::try_from(number(value(arg)?)?)
+                        .ok()
+                        .filter(|n| *n < 1000)
+                        .ok_or("--port-offset must be below 1000")?
                 }
                 "--no-build" => o.build = false,
                 "--no-instructions" => o.instructions = false,
@@ -217,7 +226,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     report.sizes = measure_sizes(&root, &out_dir, &built_dir);
 
     // The upstream every case routes to; it runs until the bench ends.
-    let upstream_case = Case::load(&root, UPSTREAM)?;
+    let upstream_case = Case::load(&root, UPSTREAM, opts.port_offset)?;
     let mut upstream = Running::start(&envoy, &root, &upstream_case)?;
     upstream
         .wait_answering(&upstream_case, Instant::now())
@@ -226,7 +235,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let cases: Vec<Case> = opts
         .cases
         .iter()
-        .map(|name| Case::load(&root, name))
+        .map(|name| Case::load(&root, name, opts.port_offset))
         .collect::<Result<_, _>>()?;
 
     println!("==> time from starting Envoy to its first answered request (median of 3)");
