@@ -131,3 +131,48 @@ fn the_demo_runs_and_shows_each_filter_working() {
 fn the_demo_on_the_suite_module_shows_each_policy_working() {
     run_demo("envoy/suite.yaml");
 }
+
+/// The bench's native peer of our keyed ratelimit
+/// (`envoy/bench/native-ratelimit-keyed.yaml`) really keeps one bucket per
+/// `x-api-key`: the same file with its per-key bucket lowered to 3 requests a
+/// minute answers a key's fourth request 429 while another key, and a request
+/// without a key (the default bucket, which never limits), still pass.
+#[test]
+fn the_native_keyed_ratelimit_bench_case_limits_each_key_on_its_own() {
+    let upstream = mesh_testkit::upstream::Upstream::start("bench-upstream");
+    let file = repo_root().join("envoy/bench/native-ratelimit-keyed.yaml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let per_key = "token_bucket: { max_tokens: 1000, tokens_per_fill: 1000, fill_interval: 1s }";
+    assert!(
+        original.contains(per_key),
+        "{}: no per-key bucket",
+        file.display()
+    );
+    let config = original
+        .replace(
+            per_key,
+            "token_bucket: { max_tokens: 3, tokens_per_fill: 3, fill_interval: 60s }",
+        )
+        .replace("port_value: 19013", "port_value: 0")
+        .replace("port_value: 18013", "port_value: 0")
+        .replace(
+            "port_value: 18100",
+            &format!("port_value: {}", upstream.port()),
+        );
+    let envoy = mesh_testkit::Envoy::start_with(&config, 1)
+        .unwrap_or_else(|f| panic!("envoy refused the config ({:?}):\n{}", f.status, f.log));
+    let status = |headers: &[(&str, &str)]| {
+        mesh_testkit::http::get(envoy.port(), "/api/items", headers)
+            .unwrap()
+            .status
+    };
+    let a: Vec<u16> = (0..4).map(|_| status(&[("x-api-key", "key-a")])).collect();
+    assert_eq!(a, [200, 200, 200, 429], "key-a's four requests");
+    assert_eq!(
+        status(&[("x-api-key", "key-b")]),
+        200,
+        "key-b has its own bucket"
+    );
+    let without_key: Vec<u16> = (0..5).map(|_| status(&[])).collect();
+    assert_eq!(without_key, [200; 5], "no key: the default bucket");
+}

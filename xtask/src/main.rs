@@ -14,7 +14,6 @@
 
 mod bench;
 mod build;
-mod callgrind;
 mod demo;
 mod exports;
 mod fuzz;
