@@ -383,19 +383,19 @@ fn kib(bytes: u64) -> String {
 // ---------------------------------------------------------------- cases
 
 /// One configuration file of envoy/bench/.
-struct Case {
-    name: String,
-    file: PathBuf,
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) file: PathBuf,
     /// Its first comment line: what it measures.
     description: String,
-    listener_port: u16,
-    admin_port: u16,
+    pub(crate) listener_port: u16,
+    pub(crate) admin_port: u16,
     /// The `.wasm` files it loads (relative to the repository root).
     modules: Vec<PathBuf>,
 }
 
 impl Case {
-    fn load(root: &Path, name: &str) -> Result<Case, String> {
+    pub(crate) fn load(root: &Path, name: &str) -> Result<Case, String> {
         let file = root.join("envoy/bench").join(format!("{name}.yaml"));
         let text = fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         let description = text
@@ -447,13 +447,13 @@ impl Case {
 }
 
 /// An Envoy running one case, killed on drop.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     log: PathBuf,
 }
 
 impl Running {
-    fn start(envoy: &Path, root: &Path, case: &Case) -> Result<Running, String> {
+    pub(crate) fn start(envoy: &Path, root: &Path, case: &Case) -> Result<Running, String> {
         let log = root
             .join("target/bench/logs")
             .join(format!("{}.log", case.name));
@@ -498,7 +498,7 @@ impl Running {
     }
 
     /// CPU time of all Envoy's threads so far, in nanoseconds.
-    fn cpu_ns(&self) -> u64 {
+    pub(crate) fn cpu_ns(&self) -> u64 {
         let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) else {
             return 0;
         };
@@ -968,7 +968,7 @@ fn measure_memory(
 // ---------------------------------------------------------------- tools
 
 /// wrk from Debian, installed when missing and running as root.
-fn ensure_wrk() -> Result<PathBuf, String> {
+pub(crate) fn ensure_wrk() -> Result<PathBuf, String> {
     let find = || {
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .map(|d| d.join("wrk"))
@@ -994,7 +994,7 @@ fn ensure_wrk() -> Result<PathBuf, String> {
     find().ok_or_else(|| "wrk still missing after apt-get install".into())
 }
 
-fn envoy_version(envoy: &Path) -> String {
+pub(crate) fn envoy_version(envoy: &Path) -> String {
     Command::new(envoy)
         .arg("--version")
         .output()
@@ -1009,7 +1009,7 @@ fn envoy_version(envoy: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn wrk_version(wrk: &Path) -> String {
+pub(crate) fn wrk_version(wrk: &Path) -> String {
     Command::new(wrk)
         .arg("--version")
         .output()
@@ -1017,7 +1017,7 @@ fn wrk_version(wrk: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -1031,7 +1031,7 @@ fn first_line(s: &str) -> String {
         .to_string()
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
