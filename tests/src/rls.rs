@@ -167,6 +167,12 @@ impl RateLimitService {
     /// Starts the service with `config` (its YAML: `domain`, `descriptors`)
     /// against the Redis on `redis_port`.
     pub fn start(redis_port: u16, config: &str) -> RateLimitService {
+        RateLimitService::start_on(redis_port, config, crate::free_port())
+    }
+
+    /// As [`RateLimitService::start`], serving gRPC on `grpc_port` (the port
+    /// a fixed Envoy configuration names, as the benchmark's).
+    pub fn start_on(redis_port: u16, config: &str, grpc_port: u16) -> RateLimitService {
         let bin = tools::go_install(RATELIMIT_PACKAGE, RATELIMIT_VERSION, "service_cmd").unwrap();
         let dir = scratch("rls");
         fs::create_dir_all(dir.join("runtime/ratelimit/config")).unwrap();
@@ -175,7 +181,7 @@ impl RateLimitService {
             child: None,
             bin,
             redis_port,
-            grpc_port: crate::free_port(),
+            grpc_port,
             http_port: crate::free_port(),
             debug_port: crate::free_port(),
             dir,

@@ -526,3 +526,63 @@ fn the_shipped_example_and_its_service_configuration_match(form: Form) {
         "route other: no rule"
     );
 }
+
+#[test]
+fn a_cluster_without_http2_applies_the_failure_mode_and_the_log_says_why_once() {
+    let redis = Redis::start();
+    let rls = RateLimitService::start(
+        redis.port(),
+        &service_config(&[
+            ("open", "x-user", 1000, "hour"),
+            ("closed", "x-user", 1000, "hour"),
+        ]),
+    );
+    let upstream = Upstream::start("backend");
+    let start = |http2: bool| {
+        let b = Bootstrap::new()
+            .wasm(WasmFilter::new("ratelimit", FAILURE_RULES))
+            .route("open", "/", "backend")
+            .cluster("backend", upstream.port());
+        let b = if http2 {
+            b.grpc_cluster("rls", rls.grpc_port())
+        } else {
+            b.cluster("rls", rls.grpc_port())
+        };
+        Envoy::start(&b.yaml())
+    };
+    let (good, http1) = (start(true), start(false));
+    for _ in 0..10 {
+        assert_eq!(timed(http1.port(), "/allow").0, 200, "failure_mode allow");
+        let (status, body, _) = timed(http1.port(), "/deny");
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "rate limit service unavailable\n"),
+            "failure_mode deny"
+        );
+    }
+    assert_eq!(calls(&http1, "open", "unavailable"), 10.0);
+    assert_eq!(calls(&http1, "closed", "unavailable"), 10.0);
+    assert_eq!(decision(&http1, "open", "failed_open"), 10.0);
+    assert_eq!(decision(&http1, "closed", "failure_denied"), 10.0);
+    assert_eq!(redis.calls("incrby"), 0, "no call reached the service");
+    let log = http1.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("rate limit service call failed"))
+        .collect();
+    eprintln!("{}", lines.join("\n"));
+    assert!(
+        (1..=4).contains(&lines.len()),
+        "once per rule and worker, not per request: {lines:#?}"
+    );
+    for line in &lines {
+        assert!(
+            line.contains("reset reason: protocol error")
+                && line.contains("(does cluster \"rls\" speak HTTP/2? gRPC needs http2_protocol_options, or an Istio port named grpc)"),
+            "{line}"
+        );
+    }
+    // The same service through an HTTP/2 cluster answers.
+    assert_eq!(timed(good.port(), "/deny").0, 200);
+    assert_eq!(calls(&good, "closed", "ok"), 1.0);
+}

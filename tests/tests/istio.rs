@@ -51,8 +51,9 @@ fn istio_dir() -> PathBuf {
 const METRICS_STATS: &str = "metrics-stats.yaml";
 
 /// Kinds in `istio/` without a CRD schema here (an IstioOperator and an
-/// example Deployment in metrics-stats.yaml); every other kind is validated.
-const NOT_VALIDATED: &[&str] = &["IstioOperator", "Deployment"];
+/// example Deployment in metrics-stats.yaml, the rate limit service's
+/// Service and ConfigMap in global-ratelimit/); every other kind is validated.
+const NOT_VALIDATED: &[&str] = &["IstioOperator", "Deployment", "Service", "ConfigMap"];
 
 /// `meshConfig.defaultConfig` of the IstioOperator in metrics-stats.yaml.
 fn mesh_default_config() -> Value {

@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 
 use mesh_testkit::http::Client;
 use mesh_testkit::registry::Registry;
+use mesh_testkit::rls::{RateLimitService, Redis};
 use mesh_testkit::tools::{go_binary, go_command};
 use mesh_testkit::{json_string, repo_root, Behaviour, Bootstrap, Envoy, Upstream};
 use serde_json::Value;
@@ -218,6 +219,16 @@ struct Mesh {
 }
 
 fn start_mesh(dir: &Path, routes_dir: &Path, filters: &[&str]) -> Result<Mesh, String> {
+    start_mesh_with(dir, routes_dir, filters, &[])
+}
+
+/// As [`start_mesh`], with more clusters (JSON) in the bootstrap.
+fn start_mesh_with(
+    dir: &Path,
+    routes_dir: &Path,
+    filters: &[&str],
+    clusters: &[Value],
+) -> Result<Mesh, String> {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let mut bootstrap = Bootstrap::new()
         .cluster(&reviews_cluster("v1"), v1.port())
@@ -239,6 +250,12 @@ fn start_mesh(dir: &Path, routes_dir: &Path, filters: &[&str]) -> Result<Mesh, S
     assert_eq!(used, filters.len(), "{filters:?} in {}", dir.display());
     let mut config: Value = serde_json::from_str(&bootstrap.yaml()).unwrap();
     config["stats_config"] = istio_stats_config();
+    for c in clusters {
+        config["static_resources"]["clusters"]
+            .as_array_mut()
+            .unwrap()
+            .push(c.clone());
+    }
     let envoy =
         Envoy::start_with(&serde_json::to_string_pretty(&config).unwrap(), 2).map_err(|f| f.log)?;
     Ok(Mesh { envoy, v1, v2 })
@@ -558,4 +575,76 @@ fn istio_fetch_shows_the_fallback_for_an_image_that_does_not_exist() {
     );
     assert!(stdout.contains("wasm-default-allow"), "{stdout}");
     assert!(stderr.contains("applying allow RBAC filter"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// The global rule of istio/global-ratelimit/, through the cluster Istio names.
+
+/// The service's configuration: the ConfigMap's `mesh.yaml` in
+/// istio/global-ratelimit/ratelimit-service.yaml.
+fn istio_rls_config() -> String {
+    let text =
+        fs::read_to_string(repo_root().join("istio/global-ratelimit/ratelimit-service.yaml"))
+            .unwrap();
+    text.split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .and_then(|doc| doc["data"]["mesh.yaml"].as_str().map(String::from))
+        .expect("a ConfigMap with mesh.yaml")
+}
+
+#[test]
+fn a_global_rule_calls_the_service_through_the_cluster_istio_generates() {
+    for form in ["wasmplugin", "trafficextension"] {
+        let dir = generated().dir.join(format!("global-{form}"));
+        let redis = Redis::start();
+        let rls = RateLimitService::start(redis.port(), &istio_rls_config());
+        // Istio's cluster for the Service's grpc port, by the name and with
+        // the HTTP/2 options Istio gave it; its endpoints (EDS in a mesh)
+        // are the service on loopback, and no mesh TLS (no CA here).
+        let istio = read_json(&dir.join("rls-cluster.json"));
+        let name = istio["name"].as_str().unwrap();
+        assert_eq!(
+            name, "outbound|8081||ratelimit.ratelimit.svc.cluster.local",
+            "{form}"
+        );
+        let cluster = serde_json::json!({
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": istio["connect_timeout"],
+            "typed_extension_protocol_options": istio["typed_extension_protocol_options"],
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": rls.grpc_port()}}}}]}]},
+        });
+        let mesh = start_mesh_with(&dir, &dir, &["ratelimit"], &[cluster])
+            .unwrap_or_else(|log| panic!("{form}: envoy did not start:\n{log}"));
+        let before = redis.calls("incrby");
+        let mut client = Client::new(mesh.envoy.port());
+        for _ in 0..10 {
+            let r = client
+                .get(
+                    "/reviews/1",
+                    &[("x-user-id", "user-1"), ("x-mesh-target", "v1")],
+                )
+                .unwrap();
+            assert_eq!(r.status, 200, "{form}: {}", r.body_text());
+        }
+        let calls = |outcome: &str| {
+            sum(&series(
+                &mesh.envoy,
+                "mesh_ratelimit_global_calls_total",
+                "outcome",
+                outcome,
+            ))
+        };
+        assert_eq!(calls("ok"), 10.0, "{form}: every request asked the service");
+        for failed in ["timeout", "unavailable", "error", "invalid", "not_started"] {
+            assert_eq!(calls(failed), 0.0, "{form}: {failed}");
+        }
+        assert_eq!(
+            redis.calls("incrby") - before,
+            10,
+            "{form}: the service counted each in Redis"
+        );
+    }
 }

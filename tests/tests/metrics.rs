@@ -322,8 +322,13 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus(form: Form) {
     const CONFIG: &str = r#"{"labels": {"status_code": true, "custom": [
         {"name": "tenant", "header": "x-tenant", "allowed": ["gold", "silver"]}]},
         "duration_buckets_ms": [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]}"#;
+    // A global rule too, for the series of its calls to the rate limit
+    // service (defined at configure time); no request matches it, so the
+    // cluster `rls` is never called.
     const RATELIMIT: &str = r#"{"rules": [{"name": "other-limit", "match": {"route": "other"},
-        "limit": {"requests": 2, "per": "1h"}}]}"#;
+        "limit": {"requests": 2, "per": "1h"}},
+        {"name": "global-limit", "match": {"route": "payments"}, "key": [{"header": "x-user"}],
+        "global": {"service": "rls", "domain": "mesh"}}]}"#;
     // The other two filters run for their series (defined at configure time);
     // no request of this test matches their rules.
     const CIRCUIT_BREAKER: &str = r#"{"rules": [{"name": "payments", "match": {"route": "payments"},
@@ -349,6 +354,7 @@ fn red_metrics_agree_with_the_traffic_in_envoy_and_prometheus(form: Form) {
             .route("other", "/", "backend2")
             .cluster("backend", backend.port())
             .cluster("backend2", backend2.port())
+            .grpc_cluster("rls", backend2.port())
             .yaml(),
     ));
     let port = envoy.port();

@@ -5,6 +5,7 @@
 //!   demo    build, start Envoy with all filters in front of two upstreams, show them work
 //!           (`--suite`: the same on the suite module, envoy/suite.yaml)
 //!   bench   measure each filter's cost per request through a real Envoy (BENCHMARKS.md)
+//!   bench-global  ratelimit's global mode against Envoy's native ratelimit filter, same RLS (BENCHMARKS.md)
 //!   push    push the filters as OCI images (README "OCI images")
 //!   upstreams  run the demo's upstreams v1 (:8081) and v2 (:8082) until Ctrl-C (for docker compose / func-e)
 //!   schemas write schemas/<filter>.schema.json from the filters' config types
@@ -13,6 +14,7 @@
 //!   helm-render  render the Helm chart with its default and ci value files into target/helm/rendered/
 
 mod bench;
+mod bench_global;
 mod build;
 mod demo;
 mod exports;
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("bench-global") => bench_global::run(&args[1..]),
         Some("push") => oci::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
@@ -42,7 +45,7 @@ fn main() -> ExitCode {
         Some("helm-schema") => helm_schema(),
         Some("helm-render") => helm_render(),
         _ => Err(
-            "usage: cargo xtask build | test | demo | bench | push | upstreams | schemas | envoy \
+            "usage: cargo xtask build | test | demo | bench | bench-global | push | upstreams | schemas | envoy \
 | helm-schema | helm-render"
                 .to_string(),
         ),

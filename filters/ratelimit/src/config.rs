@@ -230,8 +230,18 @@ fn compile_global(
         ));
     }
     let service = spec.service.0;
+    let grpc_service = rls::grpc_service(&service);
+    // proxy-wasm's gRPC call takes the serialized GrpcService as a string
+    // (the Rust SDK's &str): it must be UTF-8, which holds for names up to
+    // 125 bytes (longer ones need a length byte >= 0x80).
+    if std::str::from_utf8(&grpc_service).is_err() {
+        return Err(ConfigError::at(
+            format!("rules[{index}].global.service"),
+            "use a cluster name of at most 125 bytes (proxy-wasm's gRPC call cannot pass longer ones)",
+        ));
+    }
     Ok(Global {
-        grpc_service: rls::grpc_service(&service),
+        grpc_service,
         service,
         domain: spec.domain.0,
         timeout,
@@ -469,6 +479,24 @@ mod tests {
         assert_eq!(
             err(&rule(r#"{"service": "", "domain": "mesh"}"#)),
             "rules[0].global.service: must not be empty"
+        );
+        // Istio's cluster names fit; one of 126 bytes cannot go through the call.
+        let parses = |name: &str| {
+            Config::parse(
+                rule(&format!(r#"{{"service": "{name}", "domain": "d"}}"#)).as_bytes(),
+                "t",
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parses("outbound|8081||ratelimit.ratelimit.svc.cluster.local"),
+            Ok(())
+        );
+        assert_eq!(parses(&"c".repeat(125)), Ok(()));
+        assert_eq!(
+            parses(&"c".repeat(126)),
+            Err("rules[0].global.service: use a cluster name of at most 125 bytes (proxy-wasm's gRPC call cannot pass longer ones)".to_string())
         );
         assert!(err(&rule(r#"{"service": "rls", "domain": "a b"}"#))
             .starts_with("rules[0].global.domain: \"a b\": use 1 to 64"));

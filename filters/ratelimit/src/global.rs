@@ -126,6 +126,22 @@ pub fn read_answer(bytes: &[u8]) -> Answer {
     }
 }
 
+/// Why a call ended `UNAVAILABLE`, for the log: Envoy's message, and what
+/// it means when Envoy reset the stream on a protocol error. That is how a
+/// cluster without HTTP/2 shows: Envoy does not check the cluster's protocol
+/// for a gRPC call, it sends the call over HTTP/1.1 and the gRPC server
+/// drops it (seen with envoyproxy/ratelimit in Envoy 1.40).
+pub fn unavailable_reason(message: &str, service: &str) -> String {
+    if message.contains("protocol error") {
+        format!(
+            "unavailable: {message} (does cluster \"{service}\" speak HTTP/2? gRPC needs \
+             http2_protocol_options, or an Istio port named grpc)"
+        )
+    } else {
+        format!("unavailable: {message}")
+    }
+}
+
 /// Remembers an `OVER_LIMIT` answer for key `fp` until `now + reset_after`
 /// (nothing to remember without a reset time). The limit and window ride
 /// along so remembered rejections carry the same headers.
@@ -306,6 +322,20 @@ mod tests {
             remembered(&g, &store, 42, now + 5_000_000_000),
             None,
             "reset"
+        );
+    }
+
+    #[test]
+    fn a_protocol_error_says_the_cluster_may_lack_http2() {
+        let reset = "upstream connect error or disconnect/reset before headers. reset reason: protocol error";
+        assert_eq!(
+            unavailable_reason(reset, "rls"),
+            format!("unavailable: {reset} (does cluster \"rls\" speak HTTP/2? gRPC needs http2_protocol_options, or an Istio port named grpc)")
+        );
+        let refused = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
+        assert_eq!(
+            unavailable_reason(refused, "rls"),
+            format!("unavailable: {refused}")
         );
     }
 

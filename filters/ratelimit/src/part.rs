@@ -11,7 +11,7 @@ use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
 
-use crate::global::{read_answer, Answer};
+use crate::global::{read_answer, unavailable_reason, Answer};
 use crate::rls;
 use crate::{CallOutcome, Check, Config, GlobalCall, RateLimiter, Verdict};
 
@@ -226,6 +226,16 @@ impl RatelimitStream {
             .map_or("", |r| r.name.as_str())
     }
 
+    fn service(&self, rule: usize) -> &str {
+        self.state
+            .limiter
+            .config
+            .rules
+            .get(rule)
+            .and_then(|r| r.global.as_ref())
+            .map_or("", |g| g.service.as_str())
+    }
+
     /// Starts the call; on failure to start, decides at once (failure mode).
     fn ask(&mut self, call: GlobalCall, now: u64) -> Flow {
         let state = Rc::clone(&self.state);
@@ -340,7 +350,10 @@ impl Part for RatelimitStream {
                 (None, _) if timed_out => (g.timeout, Some("timed out".to_string())),
                 (None, 14) => (
                     g.unavailable,
-                    Some(format!("unavailable: {}", host::grpc_status_message())),
+                    Some(unavailable_reason(
+                        &host::grpc_status_message(),
+                        self.service(pending.call.rule),
+                    )),
                 ),
                 (None, code) => (
                     g.error,

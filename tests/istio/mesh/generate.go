@@ -6,8 +6,10 @@ package mesh
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -65,10 +67,13 @@ type Generated struct {
 	RouteConfig *route.RouteConfiguration
 	// Extensions are the ECDS resources for ECDSFilters, in that order.
 	Extensions []*anypb.Any
+	// Clusters are the sidecar's clusters (CDS).
+	Clusters []*cluster.Cluster
 }
 
 // Generate starts Istio's in-memory discovery server with `configYAML`
-// (Istio resources) and the reviews Service, and returns what it generates
+// (Istio resources, and Kubernetes Services, which go to its
+// Kubernetes objects) and the reviews Service, and returns what it generates
 // for the frontend sidecar.
 func Generate(t test.Failer, configYAML string) *Generated {
 	configs, _, err := crd.ParseInputs(configYAML)
@@ -80,9 +85,15 @@ func Generate(t test.Failer, configYAML string) *Generated {
 		// host like `reviews` would resolve to `reviews.shop`.
 		configs[i].Domain = DomainSuffix
 	}
+	kubeObjects := reviewsService
+	for _, doc := range strings.Split(configYAML, "\n---") {
+		if strings.Contains(doc, "\nkind: Service\n") {
+			kubeObjects += "\n---\n" + doc
+		}
+	}
 	s := xds.NewFakeDiscoveryServer(t, xds.FakeOptions{
 		Configs:                configs,
-		KubernetesObjectString: reviewsService,
+		KubernetesObjectString: kubeObjects,
 	})
 	// The config reaches the push context asynchronously; wait for it.
 	s.EnsureSynced(t)
@@ -126,6 +137,8 @@ func Generate(t test.Failer, configYAML string) *Generated {
 	if g.RouteConfig == nil {
 		t.Fatalf("no route configuration %q for listener %s", routeName, listenerName)
 	}
+
+	g.Clusters = s.Clusters(proxy)
 
 	gen := s.Discovery.Generators[v3.ExtensionConfigurationType]
 	resources, _, err := gen.Generate(proxy, &model.WatchedResource{ResourceNames: sets.New(g.ECDSFilters...)},

@@ -77,6 +77,24 @@ func Manifests(form string) (string, error) {
 	return b.String(), nil
 }
 
+// GlobalManifests is the YAML of `istio/reviews-routing.yaml` and of
+// `istio/global-ratelimit/`: the rate limit service and the global rule's
+// plugin in one form (`wasmplugin.yaml` or `trafficextension.yaml`).
+func GlobalManifests(form string) (string, error) {
+	root := filepath.Join(RepoRoot(), "istio")
+	var b strings.Builder
+	for _, f := range []string{"reviews-routing.yaml", "global-ratelimit/ratelimit-service.yaml", "global-ratelimit/" + form + ".yaml"} {
+		data, err := os.ReadFile(filepath.Join(root, f))
+		if err != nil {
+			return "", err
+		}
+		b.WriteString("---\n")
+		b.Write(data)
+		b.WriteString("\n")
+	}
+	return b.String(), nil
+}
+
 // Pin says how a manifest names its image.
 type Pin int
 

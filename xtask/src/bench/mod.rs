@@ -32,14 +32,14 @@
 //! - `report`: the tables of results.md; `targets`: the targets and each
 //!   filter's own work; `json`: results.json.
 
-mod callgrind;
-mod cases;
+pub(crate) mod callgrind;
+pub(crate) mod cases;
 mod json;
 mod memory;
 mod report;
 mod sizes;
 mod targets;
-mod wrk;
+pub(crate) mod wrk;
 
 use std::fs;
 use std::path::Path;
