@@ -9,6 +9,7 @@ use super::sizes::kib;
 use super::{
     BASELINE, CHAIN, CHAIN_FLOOR, NOOP, STUB_BYTES, SUITE, TARGET_CHAIN_VS_FOUR_NOOP,
     TARGET_OWN_WORK, TARGET_RATELIMIT_OVER_ROUTER, TARGET_SIZE_BYTES, TARGET_SUITE,
+    TARGET_SUITE_SIZE_BYTES,
 };
 
 /// A kind of host call as the pricer names it, how many times, and why.
@@ -189,10 +190,15 @@ impl Report {
         for s in self.sizes.iter().filter(|s| s.module != NOOP) {
             // What `cargo xtask build` ships: the module after wasm-opt when
             // wasm-opt runs (dist/ may hold an older or unoptimized copy).
-            let what = format!("{}.wasm <= {} KiB", s.module, TARGET_SIZE_BYTES / 1024);
+            let limit = if s.module == "suite" {
+                TARGET_SUITE_SIZE_BYTES
+            } else {
+                TARGET_SIZE_BYTES
+            };
+            let what = format!("{}.wasm <= {} KiB", s.module, limit / 1024);
             let shipped = s.optimized.as_ref().ok().copied().or(s.as_built);
             out.push(match shipped.filter(|b| *b >= STUB_BYTES) {
-                Some(b) => (what, kib(b), Some(b <= TARGET_SIZE_BYTES)),
+                Some(b) => (what, kib(b), Some(b <= limit)),
                 None => (what, not_available(), None),
             });
         }
