@@ -332,6 +332,18 @@ impl Bootstrap {
         ))
     }
 
+    /// Routes on `header`: `to-v1` to cluster v1 (`v1_port`), `to-v2` to v2,
+    /// and the fallback `unrouted`, answered 421 by Envoy itself.
+    pub fn routed_by(self, header: &str, v1_port: u16, v2_port: u16) -> Self {
+        self.header_route("to-v1", "/", header, "v1", "v1")
+            .header_route("to-v2", "/", header, "v2", "v2")
+            .route_json(
+                r#"{"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 421, "body": {"inline_string": "unrouted\n"}}}"#,
+            )
+            .cluster("v1", v1_port)
+            .cluster("v2", v2_port)
+    }
+
     /// `/reviews` to cluster v1 or v2 by the `x-mesh-target` header lb-hints
     /// writes (routes `reviews-v1`, `reviews-v2`).
     pub fn reviews_routes(self) -> Self {

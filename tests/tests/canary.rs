@@ -13,18 +13,6 @@ use std::time::{Duration, Instant};
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{both_forms, Behaviour, Bootstrap, Envoy, Form, Upstream, WasmFilter};
 
-/// Routes on `x-mesh-target`: `v1`, `v2`, anything else 421.
-fn routed(bootstrap: Bootstrap, v1: &Upstream, v2: &Upstream) -> Bootstrap {
-    bootstrap
-        .header_route("to-v1", "/", "x-mesh-target", "v1", "v1")
-        .header_route("to-v2", "/", "x-mesh-target", "v2", "v2")
-        .route_json(
-            r#"{"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 421, "body": {"inline_string": "unrouted\n"}}}"#,
-        )
-        .cluster("v1", v1.port())
-        .cluster("v2", v2.port())
-}
-
 /// A rollout rule: v1 90 / v2 10, then `steps`, judged by `analysis`.
 fn rollout(steps: &str, analysis: &str) -> String {
     format!(
@@ -45,7 +33,8 @@ struct Setup {
 fn start(form: Form, config: &str) -> Setup {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &routed(Bootstrap::in_form(form), &v1, &v2)
+        &Bootstrap::in_form(form)
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new("lb-hints", config))
             .yaml(),
     );
@@ -269,7 +258,8 @@ fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_w
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     v2.fail_share(30);
     // Filesystem subscriptions need the node's id and cluster.
-    let yaml = routed(Bootstrap::in_form(form), &v1, &v2)
+    let yaml = Bootstrap::in_form(form)
+        .routed_by("x-mesh-target", v1.port(), v2.port())
         .filter_json(&filter.entry())
         .yaml()
         .replacen(

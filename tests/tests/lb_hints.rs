@@ -17,18 +17,6 @@ use mesh_testkit::{
     Upstream, WasmFilter,
 };
 
-/// Routes on `header`: `to-v1`, `to-v2`, and the fallback `unrouted` (421).
-fn routed(bootstrap: Bootstrap, header: &str, v1: &Upstream, v2: &Upstream) -> Bootstrap {
-    bootstrap
-        .header_route("to-v1", "/", header, "v1", "v1")
-        .header_route("to-v2", "/", header, "v2", "v2")
-        .route_json(
-            r#"{"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 421, "body": {"inline_string": "unrouted\n"}}}"#,
-        )
-        .cluster("v1", v1.port())
-        .cluster("v2", v2.port())
-}
-
 struct Setup {
     envoy: Envoy,
     v1: Upstream,
@@ -39,7 +27,8 @@ struct Setup {
 fn envoy_with(form: Form, config: &str) -> Setup {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let envoy = Envoy::start(
-        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
+        &Bootstrap::in_form(form)
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new("lb-hints", config))
             .yaml(),
     );
@@ -395,7 +384,7 @@ fn steps_move_the_share_at_the_configured_time(form: Form) {
     // after `before_start` and before `Envoy::start` returns.
     let before_start = Instant::now();
     let envoy = Envoy::start(
-        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
+        &Bootstrap::in_form(form).routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new(
                 "lb-hints",
                 r#"{"rules": [{"name": "rollout", "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 0}],
@@ -428,7 +417,7 @@ both_forms!(bad_config_is_refused_with_the_json_path_and_envoy_does_not_start);
 fn bad_config_is_refused_with_the_json_path_and_envoy_does_not_start(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let failure = Envoy::start_with(
-        &routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2)
+        &Bootstrap::in_form(form).routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new(
                 "lb-hints",
                 r#"{"rules": [{"name": "canary", "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": -10}]}]}"#,
@@ -488,7 +477,8 @@ fn two_modules_picks(vm_a: &str, vm_b: &str) -> Vec<(String, String)> {
     );
     assert!(second_json.contains("lb-hints-other.wasm"));
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), "x-mesh-target", &v1, &v2)
+        &Bootstrap::new()
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(first)
             .filter_json(&second_json)
             .yaml(),
@@ -553,14 +543,16 @@ fn circuit_breaker_behind_lb_hints(form: Form, route_refresh: bool) {
     // Both filters in one vm_id (shared data is per vm_id), the breaker after
     // lb-hints; with `route_refresh`, a native filter in between makes Envoy
     // resolve the route again (see ROUTE_REFRESH).
-    let chain = routed(Bootstrap::in_form(form), "x-mesh-target", &v1, &v2).wasm(
-        WasmFilter::new(
-            "lb-hints",
-            r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
+    let chain = Bootstrap::in_form(form)
+        .routed_by("x-mesh-target", v1.port(), v2.port())
+        .wasm(
+            WasmFilter::new(
+                "lb-hints",
+                r#"{"rules": [{"name": "split", "avoid_open_circuits": true,
                         "targets": [{"name": "v1", "weight": 1}, {"name": "v2", "weight": 1}]}]}"#,
-        )
-        .vm_id("mesh-filters"),
-    );
+            )
+            .vm_id("mesh-filters"),
+        );
     let chain = if route_refresh {
         chain.filter_json(ROUTE_REFRESH)
     } else {

@@ -14,17 +14,6 @@ use mesh_testkit::http::Client;
 use mesh_testkit::rls::{RateLimitService, Redis};
 use mesh_testkit::{Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
 
-fn routed(bootstrap: Bootstrap, v1: &Upstream, v2: &Upstream) -> Bootstrap {
-    bootstrap
-        .header_route("to-v1", "/", "x-mesh-target", "v1", "v1")
-        .header_route("to-v2", "/", "x-mesh-target", "v2", "v2")
-        .route_json(
-            r#"{"name": "unrouted", "match": {"prefix": "/"}, "direct_response": {"status": 421, "body": {"inline_string": "unrouted\n"}}}"#,
-        )
-        .cluster("v1", v1.port())
-        .cluster("v2", v2.port())
-}
-
 fn mesh_stats(envoy: &Envoy) -> String {
     envoy
         .prometheus()
@@ -63,7 +52,8 @@ fn with_avoid_open_circuits_an_open_v2_gets_no_calls_and_comes_back_after_open_f
            "circuit_breaker": {BREAKER}}}"#
     );
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), &v1, &v2)
+        &Bootstrap::new()
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new("suite", &config))
             .yaml(),
     );
@@ -129,7 +119,8 @@ fn the_breaker_answers_in_the_request_phase_for_the_cluster_lb_hints_chose() {
            "circuit_breaker": {BREAKER}}}"#
     );
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), &v1, &v2)
+        &Bootstrap::new()
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new("suite", &config))
             .yaml(),
     );
@@ -236,7 +227,8 @@ fn after_a_global_rate_limit_answer_lb_hints_and_the_breaker_run() {
            "circuit_breaker": {BREAKER}}}"#
     );
     let envoy = Envoy::start(
-        &routed(Bootstrap::new(), &v1, &v2)
+        &Bootstrap::new()
+            .routed_by("x-mesh-target", v1.port(), v2.port())
             .wasm(WasmFilter::new("suite", &config))
             .grpc_cluster("rls", rls.grpc_port())
             .yaml(),
