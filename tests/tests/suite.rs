@@ -27,6 +27,29 @@ const BREAKER: &str = r#"{"rules": [{"name": "per-cluster", "scope": "cluster",
     "window": {"kind": "count", "size": 10}, "minimum_calls": 10, "consecutive_failures": 3,
     "open_for": "6s", "half_open_calls": 1}]}"#;
 
+/// v1 and v2 split 1:1 by lb-hints (optionally avoiding open circuits),
+/// behind the `BREAKER` rule, in the suite; v2 answers 500 from the start.
+fn split_with_v2_failing(avoid_open_circuits: bool) -> (Upstream, Upstream, Envoy, Client) {
+    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let config = format!(
+        r#"{{"lb_hints": {{"rules": [{{"name": "split", "avoid_open_circuits": {avoid_open_circuits},
+            "targets": [{{"name": "v1", "weight": 1}}, {{"name": "v2", "weight": 1}}]}}]}},
+           "circuit_breaker": {BREAKER}}}"#
+    );
+    let envoy = Envoy::start(
+        &Bootstrap::new()
+            .routed_by("x-mesh-target", v1.port(), v2.port())
+            .wasm(WasmFilter::new("suite", &config))
+            .yaml(),
+    );
+    let client = Client::new(envoy.port());
+    v2.set_behaviour(Behaviour {
+        status: 500,
+        ..Behaviour::default()
+    });
+    (v1, v2, envoy, client)
+}
+
 /// Sends requests until v2 (failing with 500) has failed three times.
 fn trip_v2(client: &mut Client) -> Instant {
     let mut failures = 0;
@@ -45,23 +68,7 @@ fn trip_v2(client: &mut Client) -> Instant {
 #[test]
 fn with_avoid_open_circuits_an_open_v2_gets_no_calls_and_comes_back_after_open_for() {
     const OPEN_FOR: Duration = Duration::from_secs(6);
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let config = format!(
-        r#"{{"lb_hints": {{"rules": [{{"name": "split", "avoid_open_circuits": true,
-            "targets": [{{"name": "v1", "weight": 1}}, {{"name": "v2", "weight": 1}}]}}]}},
-           "circuit_breaker": {BREAKER}}}"#
-    );
-    let envoy = Envoy::start(
-        &Bootstrap::new()
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("suite", &config))
-            .yaml(),
-    );
-    let mut client = Client::new(envoy.port());
-    v2.set_behaviour(Behaviour {
-        status: 500,
-        ..Behaviour::default()
-    });
+    let (_v1, v2, envoy, mut client) = split_with_v2_failing(true);
     let opened_after = trip_v2(&mut client);
     // The breaker booked v2's failures under the cluster lb-hints chose, in
     // the request phase: the breaker of v2 is open, v1's is closed.
@@ -112,23 +119,7 @@ fn the_breaker_answers_in_the_request_phase_for_the_cluster_lb_hints_chose() {
     // v2. In a chain the breaker cannot know the re-routed cluster before the
     // router (it books the call afterwards); in the suite it gets lb-hints'
     // choice and answers for an open v2 itself.
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let config = format!(
-        r#"{{"lb_hints": {{"rules": [{{"name": "split",
-            "targets": [{{"name": "v1", "weight": 1}}, {{"name": "v2", "weight": 1}}]}}]}},
-           "circuit_breaker": {BREAKER}}}"#
-    );
-    let envoy = Envoy::start(
-        &Bootstrap::new()
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("suite", &config))
-            .yaml(),
-    );
-    let mut client = Client::new(envoy.port());
-    v2.set_behaviour(Behaviour {
-        status: 500,
-        ..Behaviour::default()
-    });
+    let (_v1, v2, envoy, mut client) = split_with_v2_failing(false);
     trip_v2(&mut client);
     let v2_calls = v2.requests();
     let (mut v1_served, mut rejected) = (0, 0);
