@@ -294,9 +294,11 @@ impl Drop for Docker {
         if std::thread::panicking() {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
+            // Few lines: what the test itself said (just above) must stay
+            // in view at the end of a CI log.
             eprintln!(
                 "---- dockerd log (last lines) ----\n{}",
-                lines[lines.len().saturating_sub(40)..].join("\n")
+                lines[lines.len().saturating_sub(8)..].join("\n")
             );
         }
         // SIGTERM: dockerd stops its containers and containerd, then exits.

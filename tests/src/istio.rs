@@ -48,10 +48,13 @@ pub fn fetch(image: &str, work: &std::path::Path) -> Result<Vec<u8>, String> {
         .output()
         .map_err(|e| format!("istio-fetch: {e}"))?;
     if !out.status.success() {
+        // Istio's log is long; its last lines hold the agent's error.
+        let log = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = log.lines().collect();
         return Err(format!(
-            "istio-fetch oci://{image} failed ({}):\n{}",
+            "istio-fetch oci://{image} failed ({}); the last lines of Istio's log:\n{}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            lines[lines.len().saturating_sub(15)..].join("\n")
         ));
     }
     std::fs::read(&module).map_err(|e| format!("{}: {e}", module.display()))

@@ -113,6 +113,10 @@ fn test(extra: &[String]) -> Result<(), String> {
     ]))?;
     build::clippy_wasm(&toolchain)?;
     fuzz::ci()?;
+    // Istio's code takes minutes to build on a fresh machine: built here,
+    // before the tests, a failed build or module download says so plainly.
+    println!("==> go build istio-fetch (Istio's own fetcher, for the image tests)");
+    mesh_testkit::istio::fetcher()?;
     println!("==> cargo test");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
