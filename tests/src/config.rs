@@ -42,6 +42,16 @@ pub fn json_string(s: &str) -> String {
     out
 }
 
+/// The modules the project ships (each one `dist/<name>.wasm`, an OCI image
+/// and a schema): the four filters and the suite.
+pub const MODULES: [&str; 5] = [
+    "ratelimit",
+    "circuit-breaker",
+    "lb-hints",
+    "metrics",
+    "suite",
+];
+
 /// The built `.wasm` of a filter (`dist/<filter>.wasm`).
 pub fn wasm_path(filter: &str) -> PathBuf {
     let path = crate::dist_dir().join(format!("{filter}.wasm"));

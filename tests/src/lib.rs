@@ -32,7 +32,7 @@ pub mod upstream;
 
 use std::path::PathBuf;
 
-pub use config::{json_string, wasm_path, Bootstrap, Form, WasmFilter};
+pub use config::{json_string, wasm_path, Bootstrap, Form, WasmFilter, MODULES};
 pub use envoy::{envoy_binary, Envoy, StartFailure};
 pub use upstream::{Behaviour, Upstream};
 

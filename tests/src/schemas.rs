@@ -4,14 +4,8 @@
 
 use std::path::PathBuf;
 
-/// The filters with a configuration schema.
-pub const FILTERS: [&str; 5] = [
-    "ratelimit",
-    "circuit-breaker",
-    "lb-hints",
-    "metrics",
-    "suite",
-];
+/// The modules with a configuration schema: all of them.
+pub const FILTERS: [&str; 5] = crate::MODULES;
 
 /// The schema of `filter` as generated now, pretty-printed with a final newline.
 pub fn generated(filter: &str) -> Option<String> {

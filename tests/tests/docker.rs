@@ -18,13 +18,7 @@ use mesh_testkit::registry::Registry;
 use mesh_testkit::{demo, envoy, envoy_binary, repo_root, wasm_path};
 use support::skopeo::{plugin_wasm_from, pull};
 
-const FILTERS: &[&str] = &[
-    "ratelimit",
-    "circuit-breaker",
-    "lb-hints",
-    "metrics",
-    "suite",
-];
+use mesh_testkit::MODULES as FILTERS;
 const COMPOSE_FILE: &str = "envoy/docker-compose.yaml";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LAYER_TAR_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";

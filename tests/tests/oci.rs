@@ -14,13 +14,7 @@ use mesh_testkit::{repo_root, wasm_path};
 use serde_json::Value;
 use support::skopeo::{plugin_wasm_from, pull, run};
 
-const FILTERS: &[&str] = &[
-    "ratelimit",
-    "circuit-breaker",
-    "lb-hints",
-    "metrics",
-    "suite",
-];
+use mesh_testkit::MODULES as FILTERS;
 const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
 const WASM_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
