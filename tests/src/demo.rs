@@ -67,6 +67,17 @@ pub struct Target<'a> {
     pub v2: &'a Upstream,
 }
 
+impl<'a> Target<'a> {
+    /// `envoy/demo.yaml` as written: its fixed listener and admin ports.
+    pub fn fixed_ports(v2: &'a Upstream) -> Target<'a> {
+        Target {
+            listener: LISTENER,
+            admin: ADMIN,
+            v2,
+        }
+    }
+}
+
 /// The demo's upstreams v1 and v2 on their fixed ports.
 pub fn start_upstreams() -> Result<(Upstream, Upstream), String> {
     let busy = |port: u16, e: std::io::Error| {
@@ -351,9 +362,17 @@ fn metrics(demo: &Target, report: &mut Report, say: &mut dyn FnMut(&str)) {
     report.metrics_requests = per_route;
 }
 
-/// What every run of the demo must show, whichever way Envoy was started
-/// (fresh Envoy, demo traffic once): panics with the demo's output otherwise.
-pub fn assert_each_filter_worked(report: &Report, lines: &[String]) {
+/// Sends the demo's traffic to `demo` (a fresh Envoy) and checks what every
+/// run must show, whichever way Envoy was started: panics with the demo's
+/// output otherwise.
+pub fn drive_and_check(demo: &Target) {
+    let mut lines = Vec::new();
+    let report = drive_to(demo, &mut |l| lines.push(l.to_string()))
+        .unwrap_or_else(|e| panic!("{e}\n{lines:#?}"));
+    assert_each_filter_worked(&report, &lines);
+}
+
+fn assert_each_filter_worked(report: &Report, lines: &[String]) {
     assert_eq!(
         report.ratelimit_statuses,
         [200, 200, 200, 200, 200, 429, 429, 429],

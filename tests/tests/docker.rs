@@ -121,14 +121,7 @@ fn docker_compose_up_serves_the_demo_and_a_refused_config_stops_the_container() 
             s => Err(format!("the envoy container is {s}:\n{}", up.logs())),
         })
         .unwrap();
-        let target = demo::Target {
-            listener: demo::LISTENER,
-            admin: demo::ADMIN,
-            v2: &v2,
-        };
-        let mut lines = Vec::new();
-        let report = demo::drive_to(&target, &mut |l| lines.push(l.to_string())).unwrap();
-        demo::assert_each_filter_worked(&report, &lines);
+        demo::drive_and_check(&demo::Target::fixed_ports(&v2));
         assert!(
             up.logs().contains("ratelimit: configured"),
             "the filters' log lines are in `compose logs`:\n{}",

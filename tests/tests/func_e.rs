@@ -39,14 +39,7 @@ fn func_e_run_serves_the_demo_with_the_installed_envoy() {
         log.contains(&format!("starting: {}", func_e.installed_envoy().display())),
         "{log}"
     );
-    let target = demo::Target {
-        listener: demo::LISTENER,
-        admin: demo::ADMIN,
-        v2: &v2,
-    };
-    let mut lines = Vec::new();
-    let report = demo::drive_to(&target, &mut |l| lines.push(l.to_string())).unwrap();
-    demo::assert_each_filter_worked(&report, &lines);
+    demo::drive_and_check(&demo::Target::fixed_ports(&v2));
 }
 
 /// `cargo xtask envoy` prints the Envoy the tests and the demo use (README
