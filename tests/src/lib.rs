@@ -27,6 +27,7 @@ pub mod istio;
 pub mod registry;
 pub mod rls;
 pub mod schemas;
+pub mod split;
 pub mod tools;
 pub mod upstream;
 
@@ -34,6 +35,7 @@ use std::path::PathBuf;
 
 pub use config::{json_string, wasm_path, Bootstrap, Form, WasmFilter, MODULES};
 pub use envoy::{envoy_binary, Envoy, StartFailure};
+pub use split::Split;
 pub use upstream::{Behaviour, Upstream};
 
 /// Runs one test body in both forms: `both_forms!(name);` in place of

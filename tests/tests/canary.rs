@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
-use mesh_testkit::{both_forms, Behaviour, Bootstrap, Envoy, Form, Upstream, WasmFilter};
+use mesh_testkit::{both_forms, Behaviour, Bootstrap, Envoy, Form, Split, Upstream, WasmFilter};
 
 /// A rollout rule: v1 90 / v2 10, then `steps`, judged by `analysis`.
 fn rollout(steps: &str, analysis: &str) -> String {
@@ -24,21 +24,11 @@ fn rollout(steps: &str, analysis: &str) -> String {
     )
 }
 
-struct Setup {
-    envoy: Envoy,
-    v1: Upstream,
-    v2: Upstream,
-}
-
-fn start(form: Form, config: &str) -> Setup {
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let envoy = Envoy::start(
-        &Bootstrap::in_form(form)
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("lb-hints", config))
-            .yaml(),
-    );
-    Setup { envoy, v1, v2 }
+fn start(form: Form, config: &str) -> Split {
+    Split::start(
+        Bootstrap::in_form(form),
+        WasmFilter::new("lb-hints", config),
+    )
 }
 
 fn gauge(envoy: &Envoy, name: &str) -> Option<f64> {
@@ -120,7 +110,7 @@ fn connections_per_worker(envoy: &Envoy) -> Vec<u64> {
 
 /// `n` requests, each on a fresh connection (so both workers take some);
 /// returns how many of them each upstream served (v1, v2).
-fn fresh_requests(s: &Setup, n: usize) -> (u64, u64) {
+fn fresh_requests(s: &Split, n: usize) -> (u64, u64) {
     let (v1, v2) = (s.v1.requests(), s.v2.requests());
     for _ in 0..n {
         let r = http::get(s.envoy.port(), "/", &[]).expect("an answer");
@@ -232,7 +222,7 @@ impl DynamicFilter {
 const CONFIGURED: &str = "lb-hints: configured 1 rule(s)";
 
 /// Applies `config` through `filter` and waits until every VM logged it.
-fn reconfigure(s: &Setup, filter: &mut DynamicFilter, config: &str) {
+fn reconfigure(s: &Split, filter: &mut DynamicFilter, config: &str) {
     let before = s.envoy.log().matches(CONFIGURED).count();
     filter.set(config);
     // The main thread's VM and both workers' configure.
@@ -268,7 +258,7 @@ fn a_canary_failing_30_percent_is_rolled_back_after_its_first_interval_on_both_w
             1,
         );
     let envoy = Envoy::start(&yaml);
-    let s = Setup { envoy, v1, v2 };
+    let s = Split { envoy, v1, v2 };
 
     // The canary fails from its first call on; the clock starts at the first one.
     let traffic = Traffic::start(s.envoy.port(), 4, Duration::from_millis(2));

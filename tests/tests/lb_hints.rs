@@ -13,26 +13,16 @@ use std::time::{Duration, Instant};
 
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::{
-    both_forms, concurrent_gets, json_string, wasm_path, Behaviour, Bootstrap, Envoy, Form,
+    both_forms, concurrent_gets, json_string, wasm_path, Behaviour, Bootstrap, Envoy, Form, Split,
     Upstream, WasmFilter,
 };
 
-struct Setup {
-    envoy: Envoy,
-    v1: Upstream,
-    v2: Upstream,
-}
-
 /// Envoy with one lb-hints filter configured with `config`.
-fn envoy_with(form: Form, config: &str) -> Setup {
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
-    let envoy = Envoy::start(
-        &Bootstrap::in_form(form)
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("lb-hints", config))
-            .yaml(),
-    );
-    Setup { envoy, v1, v2 }
+fn envoy_with(form: Form, config: &str) -> Split {
+    Split::start(
+        Bootstrap::in_form(form),
+        WasmFilter::new("lb-hints", config),
+    )
 }
 
 /// Which upstream served an answer (`None`: not an upstream's answer).

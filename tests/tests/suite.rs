@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mesh_testkit::http::Client;
 use mesh_testkit::rls::{RateLimitService, Redis};
-use mesh_testkit::{Behaviour, Bootstrap, Envoy, Upstream, WasmFilter};
+use mesh_testkit::{Behaviour, Bootstrap, Envoy, Split, Upstream, WasmFilter};
 
 fn mesh_stats(envoy: &Envoy) -> String {
     envoy
@@ -30,18 +30,12 @@ const BREAKER: &str = r#"{"rules": [{"name": "per-cluster", "scope": "cluster",
 /// v1 and v2 split 1:1 by lb-hints (optionally avoiding open circuits),
 /// behind the `BREAKER` rule, in the suite; v2 answers 500 from the start.
 fn split_with_v2_failing(avoid_open_circuits: bool) -> (Upstream, Upstream, Envoy, Client) {
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let config = format!(
         r#"{{"lb_hints": {{"rules": [{{"name": "split", "avoid_open_circuits": {avoid_open_circuits},
             "targets": [{{"name": "v1", "weight": 1}}, {{"name": "v2", "weight": 1}}]}}]}},
            "circuit_breaker": {BREAKER}}}"#
     );
-    let envoy = Envoy::start(
-        &Bootstrap::new()
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("suite", &config))
-            .yaml(),
-    );
+    let Split { envoy, v1, v2 } = Split::start(Bootstrap::new(), WasmFilter::new("suite", &config));
     let client = Client::new(envoy.port());
     v2.set_behaviour(Behaviour {
         status: 500,
@@ -211,7 +205,6 @@ fn after_a_global_rate_limit_answer_lb_hints_and_the_breaker_run() {
         redis.port(),
         "domain: mesh\ndescriptors:\n  - key: rule\n    value: per-user\n    descriptors:\n      - key: x-user\n        rate_limit: {unit: hour, requests_per_unit: 3}\n",
     );
-    let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
     let config = format!(
         r#"{{"ratelimit": {{"rules": [{{"name": "per-user", "key": [{{"header": "x-user"}}],
               "global": {{"service": "rls", "domain": "mesh", "timeout": "2s"}}}}]}},
@@ -219,12 +212,9 @@ fn after_a_global_rate_limit_answer_lb_hints_and_the_breaker_run() {
               "targets": [{{"name": "v1", "weight": 0}}, {{"name": "v2", "weight": 1}}]}}]}},
            "circuit_breaker": {BREAKER}}}"#
     );
-    let envoy = Envoy::start(
-        &Bootstrap::new()
-            .routed_by("x-mesh-target", v1.port(), v2.port())
-            .wasm(WasmFilter::new("suite", &config))
-            .grpc_cluster("rls", rls.grpc_port())
-            .yaml(),
+    let Split { envoy, v1, v2 } = Split::start(
+        Bootstrap::new().grpc_cluster("rls", rls.grpc_port()),
+        WasmFilter::new("suite", &config),
     );
     let mut client = Client::new(envoy.port());
     // A fresh user per run: the service's hourly window may still hold
