@@ -411,6 +411,12 @@ fn a_cluster_that_does_not_exist_applies_the_failure_mode(form: Form) {
     }
     let log = e.log();
     assert!(!log.contains("panic"), "{log}");
+    failure_log_lines(&log);
+}
+
+/// The log lines of failed service calls, checked to come once per rule and
+/// worker (two rules, two workers), not per request.
+fn failure_log_lines(log: &str) -> Vec<&str> {
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("rate limit service call failed"))
@@ -420,6 +426,7 @@ fn a_cluster_that_does_not_exist_applies_the_failure_mode(form: Form) {
         (1..=4).contains(&lines.len()),
         "once per rule and worker, not per request: {lines:#?}"
     );
+    lines
 }
 
 both_forms!(other_keys_and_rules_are_unaffected_and_shadow_never_rejects);
@@ -566,16 +573,7 @@ fn a_cluster_without_http2_applies_the_failure_mode_and_the_log_says_why_once() 
     assert_eq!(decision(&http1, "closed", "failure_denied"), 10.0);
     assert_eq!(redis.calls("incrby"), 0, "no call reached the service");
     let log = http1.log();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("rate limit service call failed"))
-        .collect();
-    eprintln!("{}", lines.join("\n"));
-    assert!(
-        (1..=4).contains(&lines.len()),
-        "once per rule and worker, not per request: {lines:#?}"
-    );
-    for line in &lines {
+    for line in failure_log_lines(&log) {
         assert!(
             line.contains("reset reason: protocol error")
                 && line.contains("(does cluster \"rls\" speak HTTP/2? gRPC needs http2_protocol_options, or an Istio port named grpc)"),

@@ -63,18 +63,7 @@ func Manifests(form string) (string, error) {
 	}
 	files = kept
 	sort.Strings(files)
-	files = append([]string{filepath.Join(root, "reviews-routing.yaml")}, files...)
-	var b strings.Builder
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			return "", err
-		}
-		b.WriteString("---\n")
-		b.Write(data)
-		b.WriteString("\n")
-	}
-	return b.String(), nil
+	return documents(append([]string{filepath.Join(root, "reviews-routing.yaml")}, files...))
 }
 
 // GlobalManifests is the YAML of `istio/reviews-routing.yaml` and of
@@ -82,9 +71,18 @@ func Manifests(form string) (string, error) {
 // plugin in one form (`wasmplugin.yaml` or `trafficextension.yaml`).
 func GlobalManifests(form string) (string, error) {
 	root := filepath.Join(RepoRoot(), "istio")
-	var b strings.Builder
+	var files []string
 	for _, f := range []string{"reviews-routing.yaml", "global-ratelimit/ratelimit-service.yaml", "global-ratelimit/" + form + ".yaml"} {
-		data, err := os.ReadFile(filepath.Join(root, f))
+		files = append(files, filepath.Join(root, f))
+	}
+	return documents(files)
+}
+
+// documents is the files, in this order, as one multi-document YAML string.
+func documents(files []string) (string, error) {
+	var b strings.Builder
+	for _, f := range files {
+		data, err := os.ReadFile(f)
 		if err != nil {
 			return "", err
 		}
