@@ -156,17 +156,22 @@ impl Request for WithCluster<'_> {
 
 impl BreakerStream {
     fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
-        let started = match (&self.call, self.deferred) {
-            (Some(call), _) => call.started,
-            (None, Some((_, started))) => started,
+        let (rule, started) = match (&self.call, self.deferred) {
+            (Some(call), _) => (call.rule, call.started),
+            (None, Some(deferred)) => deferred,
             (None, None) => return,
         };
         let state = Rc::clone(&self.state);
         let now = ex.now();
-        let details = host::property(&["response", "code_details"]);
+        // The details only when the status alone does not tell (a failure status, or none).
+        let read = match state.breaker.config.rules.get(rule) {
+            Some(r) => ex.response_details(&r.policy.failure_when),
+            None => None,
+        };
+        let details = read.as_ref().and_then(|d| d.as_deref());
         let response = Response {
             code: ex.response_code(),
-            details: details.as_deref(),
+            details,
             duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
         };
         let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
@@ -191,9 +196,12 @@ impl BreakerStream {
             }
             (None, None) => return,
         };
-        if details.as_deref() != Some(b"via_upstream") && log::log_enabled!(log::Level::Debug) {
+        if read.is_some()
+            && details != Some(&b"via_upstream"[..])
+            && log::log_enabled!(log::Level::Debug)
+        {
             // Rare (Envoy's own answers, resets, timeouts): worth a line when debugging.
-            let details = std::str::from_utf8(details.as_deref().unwrap_or_default());
+            let details = std::str::from_utf8(details.unwrap_or_default());
             log::debug!(
                 "{FILTER}: no upstream status, response.code_details \"{}\": {}",
                 details.unwrap_or("?"),

@@ -15,6 +15,7 @@
 pub const CALLS: &[&str] = &[
     "request_header",
     "request_header_missing",
+    "request_headers_all",
     "route_name",
     "shared_get",
     "shared_set",
@@ -129,6 +130,7 @@ mod filter {
                 match call {
                     "request_header" => keep(host::request_header("x-api-key")),
                     "request_header_missing" => keep(host::request_header("x-absent")),
+                    "request_headers_all" => keep(host::request_headers()),
                     "route_name" => keep(host::property(&["xds", "route_name"])),
                     "shared_get" => keep(HostStore.get(SHARED_KEY)),
                     "shared_set" => keep(HostStore.set(SHARED_KEY, &value, None)),

@@ -13,8 +13,6 @@ use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
 use mesh_shared::outcome::Response;
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
 use mesh_shared::stats::stat_name;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
 
 use crate::canary::{self, Change, Phase, Verdict};
 use crate::{Balancer, Config, NoTarget, Pick};
@@ -202,13 +200,18 @@ impl LbHintsStream {
             return;
         };
         let now = ex.now();
-        let details = host::property(&["response", "code_details"]);
+        let state = Rc::clone(&self.state);
+        // The details only when the status alone does not tell (a failure status, or none).
+        let analysis = state.balancer.config.rules.get(rule);
+        let details = match analysis.and_then(|r| r.analysis.as_ref()) {
+            Some(a) => ex.response_details(&a.failure_when).flatten(),
+            None => None,
+        };
         let response = Response {
             code: ex.response_code(),
             details: details.as_deref(),
             duration_nanos: headers_seen.then(|| now.saturating_sub(started)),
         };
-        let state = Rc::clone(&self.state);
         let outcome = state.balancer.classify(rule, response);
         if let Some(c) = state.stats.get(rule).and_then(|s| s.canary.as_ref()) {
             c.calls.count(outcome);
@@ -217,12 +220,6 @@ impl LbHintsStream {
             state.report(rule, &change);
         }
     }
-}
-
-/// Sets (or with `None` removes) a request header; errors are ignored (the
-/// SDK's wrapper would panic on an unexpected status).
-fn set_request_header(name: &str, value: Option<&str>) {
-    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
 }
 
 impl Part for LbHintsStream {
@@ -266,7 +263,7 @@ impl Part for LbHintsStream {
                     self.in_flight = Some((rule, target));
                 }
                 if let Some(t) = r.targets.get(target) {
-                    set_request_header(&r.header, Some(&t.name));
+                    ex.set_request_header(&r.header, Some(&t.name));
                     host::clear_route_cache();
                     ex.rerouted(Some(&t.cluster));
                 }
@@ -283,7 +280,7 @@ impl Part for LbHintsStream {
                     s.no_target.add(1);
                 }
                 // A client-sent value must not steer either way.
-                set_request_header(&r.header, None);
+                ex.set_request_header(&r.header, None);
                 host::clear_route_cache();
                 ex.rerouted(None);
                 match r.no_target {

@@ -61,6 +61,8 @@ pub struct Metrics {
     series_overflow: Metric,
     /// Whether a label (route, cluster) depends on the route.
     route_labels: bool,
+    /// Whether a label shows the response's status (else it is not read).
+    status_labels: bool,
 }
 
 impl Metrics {
@@ -87,6 +89,7 @@ impl Metrics {
         let budget = Budget::new(scope, &config);
         budget.create(&HostStore);
         let route_labels = config.labels.route || config.labels.cluster;
+        let status_labels = config.labels.status_code || config.labels.status_class;
         Metrics {
             state: RefCell::new(State {
                 registry: Registry::new(config.labels, budget),
@@ -94,6 +97,7 @@ impl Metrics {
             }),
             series_overflow,
             route_labels,
+            status_labels,
         }
     }
 
@@ -110,6 +114,7 @@ impl Policy for Metrics {
             state: Rc::clone(self),
             started_nanos: ex.now(),
             key: None,
+            key_route: 0,
             in_flight: None,
             request_bytes: 0,
             response_bytes: 0,
@@ -124,6 +129,8 @@ pub struct MetricsStream {
     started_nanos: u64,
     /// Request-side label values, read once in the request phase.
     key: Option<String>,
+    /// The route version (`Exchange::route_version`) the key was read at.
+    key_route: u32,
     /// The gauge we incremented, to decrement when the stream ends.
     in_flight: Option<Metric>,
     request_bytes: u64,
@@ -140,6 +147,7 @@ impl Part for MetricsStream {
         drop(guard);
         self.in_flight = Some(gauge.ids);
         self.key = Some(key);
+        self.key_route = ex.route_version();
         Flow::Continue
     }
 
@@ -158,7 +166,7 @@ impl Part for MetricsStream {
         // lb-hints may have re-routed the request: count it under the route
         // and cluster that served it. The in-flight gauge keeps the
         // request-phase labels it was raised under.
-        let stale = self.state.route_labels && ex.route_may_have_changed();
+        let stale = self.state.route_labels && ex.route_changed_since(self.key_route);
         let key = match self.key.take() {
             Some(k) if !stale => k,
             _ => {
@@ -166,7 +174,11 @@ impl Part for MetricsStream {
                 self.state.request_key(ex)
             }
         };
-        let status = ex.response_code();
+        let status = if self.state.status_labels {
+            ex.response_code()
+        } else {
+            None
+        };
         let elapsed_ms = ex.now().saturating_sub(self.started_nanos) / 1_000_000;
         let mut guard = self.state.state.borrow_mut();
         let state = &mut *guard;

@@ -46,6 +46,11 @@ extern "C" {
         value_size: usize,
         cas: u32,
     ) -> Status;
+    fn proxy_get_header_map_pairs(
+        map_type: i32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
 }
 
 /// Takes ownership of a buffer the host allocated through the module's allocator.
@@ -93,6 +98,18 @@ fn header_value(map: i32, name: &str) -> Option<Vec<u8>> {
 /// A request header; only valid in the request phase (`None` otherwise).
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
     header_value(REQUEST_HEADERS, name)
+}
+
+/// All request headers in one call, serialized as the ABI returns them
+/// (see [`pair_value`]); only valid in the request phase.
+pub fn request_headers() -> Option<Vec<u8>> {
+    let mut data = null_mut();
+    let mut size = 0;
+    // SAFETY: as in `property`.
+    match unsafe { proxy_get_header_map_pairs(REQUEST_HEADERS, &mut data, &mut size) } {
+        Status::Ok => Some(owned(data, size)),
+        _ => None,
+    }
 }
 
 /// A response header; only valid in the response phase.
@@ -155,17 +172,49 @@ impl Clock for HostClock {
 }
 
 /// The current request, read lazily and cached: each header or attribute is
-/// fetched from Envoy at most once, and only if a rule asks for it.
+/// fetched from Envoy at most once, and only if a rule asks for it. Headers
+/// come one call each, or all in one call on the first one asked for
+/// (`all_at_once`, see `part::HeaderPlan`).
 #[derive(Default)]
 pub struct HostRequest {
     attributes: [Option<Option<Vec<u8>>>; 6],
     headers: Vec<(String, Option<Vec<u8>>)>,
     route_metadata: Option<Option<Vec<u8>>>,
+    all_at_once: bool,
+    /// The whole request header map, once read (`all_at_once`).
+    all: Option<Vec<u8>>,
+    /// Distinct headers asked of Envoy: (present, missing).
+    asked: (u32, u32),
 }
 
 impl HostRequest {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A request whose headers are read all in one call (`true`) or one call each.
+    pub fn reading(all_at_once: bool) -> Self {
+        HostRequest {
+            all_at_once,
+            ..Self::default()
+        }
+    }
+
+    /// The distinct request headers asked for so far: (present, missing).
+    pub fn headers_asked(&self) -> (u32, u32) {
+        self.asked
+    }
+
+    /// Sets (or with `None` removes) a request header; later reads see the
+    /// new value. Errors are ignored (the SDK's wrapper would panic).
+    pub fn set_header(&mut self, name: &str, value: Option<&str>) {
+        let _ =
+            hostcalls::set_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name, value);
+        let value = value.map(|v| v.as_bytes().to_vec());
+        match self.headers.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.headers.push((name.to_string(), value)),
+        }
     }
 
     /// Forgets the route and cluster read so far: a filter after us may have
@@ -179,13 +228,30 @@ impl HostRequest {
         }
     }
 
-    fn fetch(attr: Attribute) -> Option<Vec<u8>> {
+    /// A header from Envoy (or from the whole map, once read).
+    fn lookup(&mut self, name: &str) -> Option<Vec<u8>> {
+        let value = if self.all_at_once {
+            let map = self
+                .all
+                .get_or_insert_with(|| request_headers().unwrap_or_default());
+            crate::request::pair_value(map, name).map(<[u8]>::to_vec)
+        } else {
+            request_header(name)
+        };
+        match value {
+            Some(_) => self.asked.0 += 1,
+            None => self.asked.1 += 1,
+        }
+        value
+    }
+
+    fn fetch(&mut self, attr: Attribute) -> Option<Vec<u8>> {
         match attr {
-            Attribute::Path => request_header(":path").map(|p| path_without_query(&p).to_vec()),
-            Attribute::Method => request_header(":method"),
-            Attribute::Host => {
-                request_header(":authority").map(|a| host_without_port(&a).to_ascii_lowercase())
-            }
+            Attribute::Path => self.header(":path").map(|p| path_without_query(p).to_vec()),
+            Attribute::Method => self.header(":method").map(<[u8]>::to_vec),
+            Attribute::Host => self
+                .header(":authority")
+                .map(|a| host_without_port(a).to_ascii_lowercase()),
             Attribute::Route => property(&["xds", "route_name"]).filter(|r| !r.is_empty()),
             Attribute::Cluster => property(&["xds", "cluster_name"]).filter(|c| !c.is_empty()),
             Attribute::ClientIp => {
@@ -200,7 +266,8 @@ impl Request for HostRequest {
         let i = match self.headers.iter().position(|(n, _)| n == name) {
             Some(i) => i,
             None => {
-                self.headers.push((name.to_string(), request_header(name)));
+                let value = self.lookup(name);
+                self.headers.push((name.to_string(), value));
                 self.headers.len() - 1
             }
         };
@@ -208,8 +275,12 @@ impl Request for HostRequest {
     }
 
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
-        let slot = self.attributes.get_mut(attr.index())?;
-        slot.get_or_insert_with(|| Self::fetch(attr)).as_deref()
+        let i = attr.index();
+        if self.attributes.get(i)?.is_none() {
+            let value = self.fetch(attr);
+            *self.attributes.get_mut(i)? = Some(value);
+        }
+        self.attributes.get(i)?.as_ref()?.as_deref()
     }
 
     fn route_metadata(&mut self, filter: &str) -> Option<&[u8]> {

@@ -10,6 +10,7 @@
 //! clock read once per callback, and what one part hands to the next in the
 //! same module (lb-hints' re-route and chosen cluster).
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::clock::Clock;
 use crate::host::{self, HostClock, HostRequest};
+use crate::outcome::FailureWhen;
 use crate::request::{Attribute, Request};
 
 /// What a part did with the request headers (or an RLS answer).
@@ -32,9 +34,43 @@ pub enum Flow {
     Paused,
 }
 
+/// How this worker's requests read their headers: one host call each, or
+/// one call for the whole map (`proxy_get_header_map_pairs`) on the first
+/// header asked for. Learnt from the previous request, which read the
+/// headers the configuration's rules ask for: all at once from the point
+/// where that is cheaper at the measured prices (BENCHMARKS.md, "Host calls
+/// cut"). Only the cost depends on it, never a value read.
+#[derive(Debug, Default)]
+pub struct HeaderPlan {
+    all_at_once: Cell<bool>,
+}
+
+impl HeaderPlan {
+    /// Envoy instructions per request header read alone, present and
+    /// missing, and for the whole map of a request like the bench's
+    /// (`request_header`, `request_header_missing`, `request_headers_all`
+    /// in BENCHMARKS.md).
+    const PRESENT: u32 = 11_150;
+    const MISSING: u32 = 2_500;
+    const ALL: u32 = 12_900;
+
+    pub fn new() -> Rc<HeaderPlan> {
+        Rc::new(HeaderPlan::default())
+    }
+
+    /// A request read `present` and `missing` distinct headers.
+    fn learn(&self, (present, missing): (u32, u32)) {
+        let one_by_one = present
+            .saturating_mul(Self::PRESENT)
+            .saturating_add(missing.saturating_mul(Self::MISSING));
+        self.all_at_once.set(one_by_one > Self::ALL);
+    }
+}
+
 /// One request as the parts of a module see it.
 pub struct Exchange {
     request: HostRequest,
+    plan: Rc<HeaderPlan>,
     /// Route metadata by filter name, read once each.
     metadata: Vec<(&'static str, Option<Vec<u8>>)>,
     /// The clock of the current callback.
@@ -43,22 +79,30 @@ pub struct Exchange {
     /// Filters outside this module may re-route the request (a filter's own
     /// module in a chain); in the suite only lb-hints can, and says so.
     others_may_reroute: bool,
-    rerouted: bool,
+    /// How many times a part of this module re-routed the request.
+    reroutes: u32,
     /// The cluster of the target lb-hints chose (the suite's hand-off to the breaker).
     target_cluster: Option<String>,
 }
 
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.plan.learn(self.request.headers_asked());
+    }
+}
+
 impl Exchange {
     /// `others_may_reroute`: true unless every filter that may re-route this
-    /// request runs in this module.
-    pub fn new(others_may_reroute: bool) -> Exchange {
+    /// request runs in this module. `plan`: the worker's, shared by its requests.
+    pub fn new(others_may_reroute: bool, plan: &Rc<HeaderPlan>) -> Exchange {
         Exchange {
-            request: HostRequest::new(),
+            request: HostRequest::reading(plan.all_at_once.get()),
+            plan: Rc::clone(plan),
             metadata: Vec::new(),
             now: None,
             response_code: None,
             others_may_reroute,
-            rerouted: false,
+            reroutes: 0,
             target_cluster: None,
         }
     }
@@ -78,25 +122,50 @@ impl Exchange {
         *self.response_code.get_or_insert_with(host::response_code)
     }
 
+    /// `response.code_details`, read only when classifying the status needs
+    /// it: `None` (not read) for a status `failure_when` does not count as a
+    /// failure, which is then taken as the upstream's; else the details, if any.
+    pub fn response_details(&mut self, failure_when: &FailureWhen) -> Option<Option<Vec<u8>>> {
+        match self.response_code() {
+            Some(code) if !failure_when.is_failure_status(code) => None,
+            _ => Some(host::property(&["response", "code_details"])),
+        }
+    }
+
+    /// Sets (or with `None` removes) a request header; later reads see it.
+    pub fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        self.request.set_header(name, value);
+    }
+
     /// A part changed the routing header and cleared Envoy's route cache:
     /// the route, cluster and route metadata read so far are stale.
     pub fn rerouted(&mut self, target_cluster: Option<&str>) {
         self.request.refresh_route();
         self.metadata.clear();
-        self.rerouted = true;
+        self.reroutes += 1;
         self.target_cluster = target_cluster.map(str::to_string);
     }
 
-    /// Whether the route read in the request phase may not be the one that
-    /// served the request (then read it again from the response phase on).
-    pub fn route_may_have_changed(&self) -> bool {
-        self.others_may_reroute || self.rerouted
+    /// Changes whenever a part of this module re-routes the request.
+    pub fn route_version(&self) -> u32 {
+        self.reroutes
     }
 
-    /// Forgets the route and cluster read so far (see [`HostRequest::refresh_route`]).
+    /// Whether the route read at `version` may not be the one that served
+    /// the request (then read it again, after [`Exchange::refresh_route`]).
+    pub fn route_changed_since(&self, version: u32) -> bool {
+        self.others_may_reroute || self.reroutes != version
+    }
+
+    /// Makes the next route read give the route that served the request:
+    /// forgets the route and cluster read so far when a filter outside this
+    /// module may have re-routed it. (A re-route inside the module already
+    /// forgot them: what was read since is the final route.)
     pub fn refresh_route(&mut self) {
-        self.request.refresh_route();
-        self.metadata.clear();
+        if self.others_may_reroute {
+            self.request.refresh_route();
+            self.metadata.clear();
+        }
     }
 
     /// The cluster of the target an earlier part of this module chose.
@@ -185,6 +254,7 @@ pub struct Alone<P: Policy> {
     context_id: u32,
     configure: fn(u32) -> Option<P>,
     policy: Option<Rc<P>>,
+    plan: Rc<HeaderPlan>,
 }
 
 impl<P: Policy> Alone<P> {
@@ -193,6 +263,7 @@ impl<P: Policy> Alone<P> {
             context_id,
             configure,
             policy: None,
+            plan: HeaderPlan::new(),
         })
     }
 }
@@ -219,7 +290,7 @@ impl<P: Policy> RootContext for Alone<P> {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.as_ref()?;
-        let mut ex = Exchange::new(true);
+        let mut ex = Exchange::new(true, &self.plan);
         let part = policy.stream(&mut ex);
         Some(Box::new(AloneStream { ex, part }))
     }

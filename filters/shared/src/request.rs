@@ -192,6 +192,32 @@ pub fn ip_without_port(address: &[u8]) -> &[u8] {
     }
 }
 
+/// The first value of header `name` in a header map serialized as
+/// `proxy_get_header_map_pairs` returns it: the pair count (u32 LE), each
+/// pair's name and value sizes (u32 LE each), then each name and value
+/// followed by a NUL. The first, as a single-header read returns the first
+/// of repeated headers. A malformed map has no headers.
+pub fn pair_value<'m>(map: &'m [u8], name: &str) -> Option<&'m [u8]> {
+    let word = |at: usize| -> Option<usize> {
+        let bytes: [u8; 4] = map.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(bytes)).ok()
+    };
+    let count = word(0)?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    for pair in 0..count {
+        let sizes = 4 + pair * 8;
+        let (name_len, value_len) = (word(sizes)?, word(sizes + 4)?);
+        let key = map.get(data..data.checked_add(name_len)?)?;
+        let value_at = data.checked_add(name_len)?.checked_add(1)?;
+        let value = map.get(value_at..value_at.checked_add(value_len)?)?;
+        if key == name.as_bytes() {
+            return Some(value);
+        }
+        data = value_at.checked_add(value_len)?.checked_add(1)?;
+    }
+    None
+}
+
 /// A request made of maps, for tests of the cores.
 #[derive(Debug, Default, Clone)]
 pub struct FakeRequest {
@@ -276,6 +302,55 @@ mod tests {
         assert!(source(r#"{"header": "a", "static": "b"}"#).is_err());
         assert!(source(r#"{"header": "bad name"}"#).is_err());
         assert!(source(r#"{"haeder": "a"}"#).is_err());
+    }
+
+    /// Serializes pairs as the host does.
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = u32::try_from(pairs.len()).unwrap().to_le_bytes().to_vec();
+        for (n, v) in pairs {
+            out.extend(u32::try_from(n.len()).unwrap().to_le_bytes());
+            out.extend(u32::try_from(v.len()).unwrap().to_le_bytes());
+        }
+        for (n, v) in pairs {
+            out.extend(n.as_bytes());
+            out.push(0);
+            out.extend(*v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn header_values_are_found_in_the_serialized_map() {
+        let map = serialize(&[
+            (":method", b"GET"),
+            ("x-empty", b""),
+            ("x-tenant", b"gold"),
+            ("x-tenant", b"silver"),
+            ("x-bytes", b"\xff\x00\xfe"),
+        ]);
+        assert_eq!(pair_value(&map, ":method"), Some(&b"GET"[..]));
+        assert_eq!(pair_value(&map, "x-empty"), Some(&b""[..]));
+        assert_eq!(pair_value(&map, "x-tenant"), Some(&b"gold"[..]));
+        assert_eq!(pair_value(&map, "x-bytes"), Some(&b"\xff\x00\xfe"[..]));
+        assert_eq!(pair_value(&map, "x-absent"), None);
+        assert_eq!(pair_value(&serialize(&[]), ":method"), None);
+    }
+
+    #[test]
+    fn a_malformed_header_map_has_no_headers_and_does_not_panic() {
+        let map = serialize(&[(":method", b"GET"), ("x-tenant", b"gold")]);
+        for cut in 0..map.len() {
+            let found = pair_value(map.get(..cut).unwrap(), "x-tenant");
+            assert!(found.is_none() || found == Some(&b"gold"[..]));
+        }
+        let mut huge = map.clone();
+        huge.splice(0..4, u32::MAX.to_le_bytes());
+        assert_eq!(pair_value(&huge, "x-tenant"), None);
+        let mut long_name = map;
+        long_name.splice(4..8, u32::MAX.to_le_bytes());
+        assert_eq!(pair_value(&long_name, ":method"), None);
+        assert_eq!(pair_value(b"", ":method"), None);
     }
 
     #[test]

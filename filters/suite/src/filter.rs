@@ -7,7 +7,7 @@ use std::rc::Rc;
 use circuit_breaker::part::{Breaker, BreakerStream};
 use lb_hints::part::{LbHints, LbHintsStream};
 use mesh_shared::host;
-use mesh_shared::part::{action, Exchange, Flow, Part, Policy};
+use mesh_shared::part::{action, Exchange, Flow, HeaderPlan, Part, Policy};
 use metrics::part::{Metrics, MetricsStream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -20,7 +20,7 @@ const MODULE: &str = "suite";
 proxy_wasm::main! {{
     host::init_logging(MODULE);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, parts: None })
+        Box::new(Root { context_id, parts: None, plan: HeaderPlan::new() })
     });
 }}
 
@@ -35,6 +35,7 @@ struct Parts {
 struct Root {
     context_id: u32,
     parts: Option<Parts>,
+    plan: Rc<HeaderPlan>,
 }
 
 impl Context for Root {}
@@ -70,7 +71,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let parts = self.parts.as_ref()?;
         // Only the suite's lb-hints re-routes (docs/suite.md).
-        let mut ex = Exchange::new(false);
+        let mut ex = Exchange::new(false, &self.plan);
         Some(Box::new(Stream {
             metrics: parts.metrics.as_ref().map(|p| p.stream(&mut ex)),
             ratelimit: parts.ratelimit.as_ref().map(|p| p.stream(&mut ex)),

@@ -290,7 +290,7 @@ pub(crate) fn measure_hostcalls(
     opts: &Options,
     base_id: u32,
 ) -> Result<Hostcalls, String> {
-    let case = Case::load(root, HOSTCALL_CASE, opts.port_offset)?;
+    let case = Case::load_for(root, HOSTCALL_CASE, opts)?;
     if let Some(why) = case.unavailable(root) {
         return Err(why);
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{first_line, PATH, STUB_BYTES};
+use super::{first_line, Options, PATH, STUB_BYTES};
 
 /// One configuration file of envoy/bench/.
 pub(crate) struct Case {
@@ -22,16 +22,35 @@ pub(crate) struct Case {
 }
 
 impl Case {
-    /// `envoy/bench/<name>.yaml`; with a `port_offset`, a copy in
-    /// target/bench/cases/ with every bench port (18000-19999) moved by it, so
-    /// two bench runs can share a machine.
+    /// `envoy/bench/<name>.yaml`; with a `port_offset` or a `modules`
+    /// directory, a copy in target/bench/cases/ with every bench port
+    /// (18000-19999) moved by the offset and the modules loaded from that
+    /// directory instead of dist/, so two bench runs can share a machine and
+    /// a run can measure modules built from another commit.
     pub(crate) fn load(root: &Path, name: &str, port_offset: u16) -> Result<Case, String> {
+        Case::load_from(root, name, port_offset, None)
+    }
+
+    /// [`Case::load`] with `opts`' port offset and modules directory.
+    pub(crate) fn load_for(root: &Path, name: &str, opts: &Options) -> Result<Case, String> {
+        Case::load_from(root, name, opts.port_offset, opts.modules.as_deref())
+    }
+
+    fn load_from(
+        root: &Path,
+        name: &str,
+        port_offset: u16,
+        modules: Option<&str>,
+    ) -> Result<Case, String> {
         let source = root.join("envoy/bench").join(format!("{name}.yaml"));
         let text = fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-        let (file, text) = match port_offset {
-            0 => (source, text),
-            offset => {
-                let text = offset_ports(&text, offset);
+        let (file, text) = match (port_offset, modules) {
+            (0, None) => (source, text),
+            (offset, modules) => {
+                let mut text = offset_ports(&text, offset);
+                if let Some(dir) = modules {
+                    text = text.replace("filename: dist/", &format!("filename: {dir}/"));
+                }
                 let dir = root.join("target/bench/cases");
                 let copy = dir.join(format!("{name}.yaml"));
                 fs::create_dir_all(&dir)

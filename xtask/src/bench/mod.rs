@@ -29,11 +29,13 @@
 //! - `callgrind`: Envoy under valgrind, instructions per case and per host call;
 //! - `memory`: Envoy's resident memory (distinct keys; several workers);
 //! - `sizes`: building the modules and their sizes;
+//! - `hostcall_counts`: each case's host calls per request, counted by callgrind;
 //! - `report`: the tables of results.md; `targets`: the targets and each
 //!   filter's own work; `json`: results.json.
 
 pub(crate) mod callgrind;
 pub(crate) mod cases;
+mod hostcall_counts;
 mod json;
 mod memory;
 mod report;
@@ -54,7 +56,7 @@ use sizes::{build_modules, measure_sizes};
 use wrk::{measure_throughput, WARMUP_SECONDS};
 
 pub(crate) const USAGE: &str = "usage: cargo xtask bench [--rounds N] [--seconds S] [--connections C] \
-[--keys K] [--memory-requests N] [--counted-requests N] [--cases a,b,...] [--port-offset N] [--no-instructions] [--no-build]";
+[--keys K] [--memory-requests N] [--counted-requests N] [--cases a,b,...] [--port-offset N] [--modules DIR] [--no-instructions] [--no-build]";
 
 /// The cases in the order they run in every round; `envoy/bench/<name>.yaml`.
 pub(crate) const CASES: &[&str] = &[
@@ -139,6 +141,9 @@ pub(crate) struct Options {
     pub(crate) build: bool,
     /// Added to every port of the case files (run copies under target/bench/cases/).
     pub(crate) port_offset: u16,
+    /// Where the cases load the modules from instead of dist/ (relative to
+    /// the repository root), e.g. a copy of dist/ built from another commit.
+    pub(crate) modules: Option<String>,
 }
 
 impl Options {
@@ -154,6 +159,7 @@ impl Options {
             instructions: true,
             build: true,
             port_offset: 0,
+            modules: None,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -184,6 +190,7 @@ impl Options {
                         .filter(|n| *n < 1000)
                         .ok_or("--port-offset must be below 1000")?
                 }
+                "--modules" => o.modules = Some(value(arg)?.trim_end_matches('/').to_string()),
                 "--no-build" => o.build = false,
                 "--no-instructions" => o.instructions = false,
                 "-h" | "--help" => return Err(USAGE.to_string()),
@@ -228,7 +235,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     report.sizes = measure_sizes(&root, &out_dir, &built_dir);
 
     // The upstream every case routes to; it runs until the bench ends.
-    let upstream_case = Case::load(&root, UPSTREAM, opts.port_offset)?;
+    let upstream_case = Case::load_for(&root, UPSTREAM, &opts)?;
     let mut upstream = Running::start(&envoy, &root, &upstream_case)?;
     upstream
         .wait_answering(&upstream_case, Instant::now())
@@ -237,7 +244,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let cases: Vec<Case> = opts
         .cases
         .iter()
-        .map(|name| Case::load(&root, name, opts.port_offset))
+        .map(|name| Case::load_for(&root, name, &opts))
         .collect::<Result<_, _>>()?;
 
     println!("==> time from starting Envoy to its first answered request (median of 3)");
@@ -311,6 +318,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     measure_instructions(&valgrind, &envoy, &root, &cases, &opts);
                 report.instructions = instructions;
                 report.hostcalls = Some(hostcalls);
+                let counts = out_dir.join("hostcall-counts.md");
+                match hostcall_counts::count(&out_dir.join("callgrind"), &opts) {
+                    Ok(table) => {
+                        println!("    host calls per request, counted (minus noop's):\n{table}");
+                        let _ = fs::write(&counts, table);
+                    }
+                    Err(why) => println!("    host calls per request not counted: {why}"),
+                }
             }
             Err(why) => println!("    not available: {why}"),
         }
