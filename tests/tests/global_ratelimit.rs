@@ -72,6 +72,21 @@ fn calls(envoy: &Envoy, rule: &str, outcome: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Connections each of an Envoy's two workers accepted so far.
+fn connections_per_worker(envoy: &Envoy) -> [f64; 2] {
+    let text = envoy.prometheus();
+    let accepted = |worker: &str| -> f64 {
+        let label = format!("envoy_worker_id=\"{worker}\"");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("envoy_listener_worker_downstream_cx_total{") && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    [accepted("0"), accepted("1")]
+}
+
 /// Waits, if needed, so that at least `margin` remains of the current fixed
 /// window of `unit_secs` (the service's windows are aligned to the epoch).
 fn away_from_window_end(unit_secs: u64, margin: Duration) {
@@ -210,12 +225,24 @@ fn an_over_limit_answer_is_remembered_until_the_window_resets(form: Form) {
     for (i, e) in w.envoys.iter().enumerate() {
         let asked = || calls(e, "per-user", "ok") + calls(e, "per-user", "over_limit");
         let before = asked();
-        let mut c = Client::new(e.port());
+        let connections_before = connections_per_worker(e);
+        // A new connection each: the kernel spreads them over both workers,
+        // so what one worker remembered must hold for the other.
         for _ in 0..100 {
+            let mut c = Client::new(e.port());
             assert_eq!(c.get("/", &user).unwrap().status, 429);
         }
         let made = asked() - before;
-        eprintln!("envoy {i}: {made} call(s) for 100 requests over the limit");
+        let connections_after = connections_per_worker(e);
+        let per_worker = [
+            connections_after[0] - connections_before[0],
+            connections_after[1] - connections_before[1],
+        ];
+        eprintln!("envoy {i}: {made} call(s) for 100 requests over the limit, connections per worker {per_worker:?}");
+        assert!(
+            per_worker.iter().all(|n| *n > 0.0),
+            "both workers served some"
+        );
         assert!(made <= 1.0, "envoy {i} made {made} calls");
     }
     let redis_calls = w.redis.calls("incrby") - redis_before;
