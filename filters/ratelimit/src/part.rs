@@ -147,8 +147,9 @@ impl RuleStats {
 
 /// Per global rule (by index), the gauge `mesh_ratelimit_global_remembered_until_seconds`:
 /// the time (unix seconds) until which an `OVER_LIMIT` answer may be
-/// remembered for some key. One stat for every worker, read for about a tenth
-/// of a shared-data read (a number written straight into the module's memory).
+/// remembered for some key. One stat for every worker, read for an eighth of
+/// a shared-data read of the table (a number written straight into the
+/// module's memory, no hand-over through an allocation: BENCHMARKS.md).
 struct RememberedGauges(Vec<Option<u32>>);
 
 impl RememberedGauges {
