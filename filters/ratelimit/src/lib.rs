@@ -226,9 +226,20 @@ impl RateLimiter {
     }
 
     /// The verdict once the service answered (or failed); an `OVER_LIMIT`
-    /// is remembered for the key until its `duration_until_reset` (and
-    /// `hint` raised to cover it).
+    /// is remembered for the key until its `duration_until_reset`.
     pub fn conclude(
+        &self,
+        call: &GlobalCall,
+        outcome: CallOutcome<'_>,
+        store: &dyn SharedStore,
+        now: u64,
+    ) -> Verdict {
+        self.conclude_with(call, outcome, store, &global::AlwaysLookUp, now)
+    }
+
+    /// [`RateLimiter::conclude`], raising `hint` to cover what it remembers
+    /// (the counterpart of [`RateLimiter::check_with`]).
+    pub fn conclude_with(
         &self,
         call: &GlobalCall,
         outcome: CallOutcome<'_>,

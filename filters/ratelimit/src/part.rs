@@ -160,10 +160,26 @@ impl RememberedGauges {
                 "mesh_ratelimit_global_remembered_until_seconds",
                 &[("rule", &rule.name)],
             );
-            hostcalls::define_metric(MetricType::Gauge, &name).ok()
+            let id = hostcalls::define_metric(MetricType::Gauge, &name).ok()?;
+            moves(id, &rule.name).then_some(id)
         };
         RememberedGauges(config.rules.iter().map(gauge).collect())
     }
+}
+
+/// Whether the gauge keeps what is added: a stats matcher that rejects it
+/// leaves Envoy's null gauge, always 0, and trusting that would never read
+/// the table. The probe's +1 stays (one second ahead: never behind).
+fn moves(id: u32, rule: &str) -> bool {
+    let Ok(before) = hostcalls::get_metric(id) else {
+        return false;
+    };
+    let added = hostcalls::increment_metric(id, 1).is_ok();
+    let usable = added && hostcalls::get_metric(id).is_ok_and(|after| after > before);
+    if !usable {
+        log::info!("{FILTER}: rule {rule}: gauge mesh_ratelimit_global_remembered_until_seconds keeps no value (rejected by a stats matcher?): remembered answers are looked up on every request");
+    }
+    usable
 }
 
 impl RememberedUntil for RememberedGauges {
@@ -320,7 +336,7 @@ impl RatelimitStream {
                         ),
                     );
                 }
-                let verdict = state.limiter.conclude(
+                let verdict = state.limiter.conclude_with(
                     &call,
                     CallOutcome::Failed,
                     &HostStore,
@@ -423,7 +439,7 @@ impl Part for RatelimitStream {
             }
         }
         let state = &self.state;
-        let verdict = state.limiter.conclude(
+        let verdict = state.limiter.conclude_with(
             &pending.call,
             outcome,
             &HostStore,

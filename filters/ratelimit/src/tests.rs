@@ -280,7 +280,6 @@ fn a_global_rule_asks_with_the_rule_and_key_as_descriptor() {
         &call,
         CallOutcome::Answered(&answer(Code::Ok, 99, 30)),
         &s,
-        &AlwaysLookUp,
         NOW,
     );
     assert_eq!(ok.label(), "allowed");
@@ -296,7 +295,6 @@ fn the_local_pre_check_rejects_before_any_call() {
             &call,
             CallOutcome::Answered(&answer(Code::Ok, 50, 30)),
             &s,
-            &AlwaysLookUp,
             NOW,
         );
     }
@@ -314,7 +312,6 @@ fn over_limit_is_remembered_for_the_key_until_the_reset() {
         &call,
         CallOutcome::Answered(&answer(Code::OverLimit, 0, 20)),
         &s,
-        &AlwaysLookUp,
         NOW,
     );
     assert_eq!(v.label(), "global_limited");
@@ -359,7 +356,7 @@ fn over_limit_is_remembered_for_the_key_until_the_reset() {
 fn failures_follow_the_failure_mode() {
     let (l, s) = limiter(GLOBAL);
     let call = ask(&l, &mut user("erin"), &s, NOW);
-    let open = l.conclude(&call, CallOutcome::Failed, &s, &AlwaysLookUp, NOW);
+    let open = l.conclude(&call, CallOutcome::Failed, &s, NOW);
     assert_eq!(open, Verdict::GlobalFailedOpen { rule: 2 });
     assert_eq!(open.label(), "failed_open");
     assert!(!open.rejects());
@@ -371,7 +368,7 @@ fn failures_follow_the_failure_mode() {
         CallOutcome::Answered(b"\x08"),
         CallOutcome::Answered(&answer(Code::Unknown, 0, 0)),
     ] {
-        let denied = l.conclude(&call, outcome, &s, &AlwaysLookUp, NOW);
+        let denied = l.conclude(&call, outcome, &s, NOW);
         assert_eq!(denied.label(), "failure_denied");
         assert!(denied.rejects());
         assert_eq!(l.response(&denied).status, 503);
@@ -382,7 +379,6 @@ fn failures_follow_the_failure_mode() {
         &call,
         CallOutcome::Answered(&answer(Code::OverLimit, 0, 9)),
         &s,
-        &AlwaysLookUp,
         NOW,
     );
     assert_eq!(l.response(&limited).status, 429);
@@ -397,7 +393,6 @@ fn shadow_never_rejects_even_when_remembered() {
         &call,
         CallOutcome::Answered(&answer(Code::OverLimit, 0, 30)),
         &s,
-        &AlwaysLookUp,
         NOW,
     );
     assert_eq!(v.label(), "shadow_limited");
@@ -422,7 +417,7 @@ proptest! {
             req = req.with(Attribute::Path, "/strict");
         }
         let call = ask(&l, &mut req, &s, NOW);
-        let v = l.conclude(&call, CallOutcome::Answered(&bytes), &s, &AlwaysLookUp, NOW);
+        let v = l.conclude(&call, CallOutcome::Answered(&bytes), &s, NOW);
         let _ = l.headers(&v);
         match v {
             Verdict::GlobalLimited { .. } => prop_assert!(v.rejects()),
@@ -457,13 +452,13 @@ fn the_remembered_table_is_read_only_while_the_hint_says_it_may_hold_something()
     let over = answer(Code::OverLimit, 0, 20);
     // Remembered behind the hint's back: a request that trusts it does not look.
     let call = ask(&l, &mut user("carol"), &s, NOW);
-    l.conclude(&call, CallOutcome::Answered(&over), &s, &AlwaysLookUp, NOW);
+    l.conclude(&call, CallOutcome::Answered(&over), &s, NOW);
     assert!(matches!(
         l.check_with(&mut user("carol"), &s, &g, NOW + 1),
         Check::Ask(_)
     ));
     // Remembered through it: the hint covers the reset, and the key is rejected.
-    l.conclude(&call, CallOutcome::Answered(&over), &s, &g, NOW);
+    l.conclude_with(&call, CallOutcome::Answered(&over), &s, &g, NOW);
     assert_eq!(g.get(0), Some(NOW / 1_000_000_000 + 20));
     assert!(matches!(
         l.check_with(&mut user("carol"), &s, &g, NOW + 1),
@@ -503,8 +498,8 @@ proptest! {
             prop_assert_eq!(&plain, &with_hint);
             if let Check::Ask(call) = plain {
                 let bytes = answer(if over { Code::OverLimit } else { Code::Ok }, 0, reset);
-                let a = l.conclude(&call, CallOutcome::Answered(&bytes), &always, &AlwaysLookUp, now);
-                let b = l.conclude(&call, CallOutcome::Answered(&bytes), &hinted, &g, now);
+                let a = l.conclude(&call, CallOutcome::Answered(&bytes), &always, now);
+                let b = l.conclude_with(&call, CallOutcome::Answered(&bytes), &hinted, &g, now);
                 prop_assert_eq!(a, b);
             }
         }
