@@ -554,9 +554,13 @@ fn the_shipped_example_and_its_service_configuration_match(form: Form) {
         .collect();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     // 30 a minute at the service; the example's 20 ms timeout may let a slow
-    // call through on a loaded machine (counted as failed_open).
+    // call through on a loaded machine (counted as failed_open), which the
+    // service may or may not have counted by the time it answered late.
     let failed_open = decision(&e, "per-user", "failed_open") as usize;
-    assert_eq!(ok, 30 + failed_open, "{statuses:?}");
+    assert!(
+        (30..=30 + failed_open).contains(&ok),
+        "{ok} answered 200, {failed_open} failed open: {statuses:?}"
+    );
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
     assert_eq!(
         c.get("/other", &[("x-user", "alice")]).unwrap().status,
