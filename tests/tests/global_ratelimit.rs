@@ -33,14 +33,16 @@ fn world(form: Form, service_config: &str, filter_config: &str, envoys: usize) -
 }
 
 fn envoy(form: Form, filter_config: &str, upstream: &Upstream, rls_port: u16) -> Envoy {
-    Envoy::start(
-        &Bootstrap::in_form(form)
-            .wasm(WasmFilter::new("ratelimit", filter_config))
-            .route("open", "/", "backend")
-            .cluster("backend", upstream.port())
-            .grpc_cluster("rls", rls_port)
-            .yaml(),
-    )
+    Envoy::start(&bootstrap(form, filter_config, upstream, rls_port))
+}
+
+fn bootstrap(form: Form, filter_config: &str, upstream: &Upstream, rls_port: u16) -> String {
+    Bootstrap::in_form(form)
+        .wasm(WasmFilter::new("ratelimit", filter_config))
+        .route("open", "/", "backend")
+        .cluster("backend", upstream.port())
+        .grpc_cluster("rls", rls_port)
+        .yaml()
 }
 
 /// envoyproxy/ratelimit's configuration: one limit per `(rule, key header)`.
@@ -70,6 +72,21 @@ fn calls(envoy: &Envoy, rule: &str, outcome: &str) -> f64 {
             &[("rule", rule), ("outcome", outcome)],
         )
         .unwrap_or(0.0)
+}
+
+/// Connections each of an Envoy's two workers accepted so far.
+fn connections_per_worker(envoy: &Envoy) -> [f64; 2] {
+    let text = envoy.prometheus();
+    let accepted = |worker: &str| -> f64 {
+        let label = format!("envoy_worker_id=\"{worker}\"");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("envoy_listener_worker_downstream_cx_total{") && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    [accepted("0"), accepted("1")]
 }
 
 /// Waits, if needed, so that at least `margin` remains of the current fixed
@@ -186,18 +203,27 @@ fn the_local_pre_check_rejects_without_a_call(form: Form) {
 
 both_forms!(an_over_limit_answer_is_remembered_until_the_window_resets);
 fn an_over_limit_answer_is_remembered_until_the_window_resets(form: Form) {
-    let w = world(
-        form,
-        &service_config(&[
-            ("per-user", "x-user", 3, "minute"),
-            ("per-second", "x-user", 2, "second"),
-        ]),
-        r#"{"rules": [
+    let rules = r#"{"rules": [
             {"name": "per-second", "match": {"path_prefix": "/second"}, "key": [{"header": "x-user"}],
              "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}},
             {"name": "per-user", "key": [{"header": "x-user"}],
-             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#,
-        3,
+             "global": {"service": "rls", "domain": "mesh", "timeout": "2s"}}]}"#;
+    let limits = [
+        ("per-user", "x-user", 3, "minute"),
+        ("per-second", "x-user", 2, "second"),
+    ];
+    let mut w = world(form, &service_config(&limits), rules, 2);
+    // The third Envoy's stats matcher rejects the gauge that tells workers
+    // whether anything is remembered: remembering must hold all the same.
+    let yaml = bootstrap(form, rules, &w.upstream, w.rls.grpc_port()).replace(
+        r#""stats_config": {"stats_tags": ["#,
+        r#""stats_config": {"stats_matcher": {"exclusion_list": {"patterns": [{"safe_regex": {"regex": ".*remembered_until.*"}}]}}, "stats_tags": ["#,
+    );
+    w.envoys.push(Envoy::start(&yaml));
+    assert!(
+        w.envoys[2].log().contains("keeps no value"),
+        "{}",
+        w.envoys[2].log()
     );
     away_from_window_end(60, Duration::from_secs(20));
     let user = [("x-user", "carol")];
@@ -210,12 +236,24 @@ fn an_over_limit_answer_is_remembered_until_the_window_resets(form: Form) {
     for (i, e) in w.envoys.iter().enumerate() {
         let asked = || calls(e, "per-user", "ok") + calls(e, "per-user", "over_limit");
         let before = asked();
-        let mut c = Client::new(e.port());
+        let connections_before = connections_per_worker(e);
+        // A new connection each: the kernel spreads them over both workers,
+        // so what one worker remembered must hold for the other.
         for _ in 0..100 {
+            let mut c = Client::new(e.port());
             assert_eq!(c.get("/", &user).unwrap().status, 429);
         }
         let made = asked() - before;
-        eprintln!("envoy {i}: {made} call(s) for 100 requests over the limit");
+        let connections_after = connections_per_worker(e);
+        let per_worker = [
+            connections_after[0] - connections_before[0],
+            connections_after[1] - connections_before[1],
+        ];
+        eprintln!("envoy {i}: {made} call(s) for 100 requests over the limit, connections per worker {per_worker:?}");
+        assert!(
+            per_worker.iter().all(|n| *n > 0.0),
+            "both workers served some"
+        );
         assert!(made <= 1.0, "envoy {i} made {made} calls");
     }
     let redis_calls = w.redis.calls("incrby") - redis_before;
@@ -523,9 +561,13 @@ fn the_shipped_example_and_its_service_configuration_match(form: Form) {
         .collect();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     // 30 a minute at the service; the example's 20 ms timeout may let a slow
-    // call through on a loaded machine (counted as failed_open).
+    // call through on a loaded machine (counted as failed_open), which the
+    // service may or may not have counted by the time it answered late.
     let failed_open = decision(&e, "per-user", "failed_open") as usize;
-    assert_eq!(ok, 30 + failed_open, "{statuses:?}");
+    assert!(
+        (30..=30 + failed_open).contains(&ok),
+        "{ok} answered 200, {failed_open} failed open: {statuses:?}"
+    );
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
     assert_eq!(
         c.get("/other", &[("x-user", "alice")]).unwrap().status,

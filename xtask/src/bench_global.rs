@@ -32,14 +32,16 @@ use crate::bench::cases::{Case, Running};
 use crate::bench::{self, wrk};
 
 const USAGE: &str = "usage: cargo xtask bench-global [--rounds N] [--seconds S] [--connections C] \
-                     [--counted-requests N] [--no-instructions] [--no-build]";
+                     [--counted-requests N] [--no-instructions] [--no-build] [--case mesh|native]... \
+                     [--no-floor] [--port-offset N]";
 
 /// The gRPC port the cases' `rls` cluster names.
 const RLS_PORT: u16 = 18291;
 const CASES: [&str; 2] = ["global/mesh", "global/native"];
-/// The floor of a Wasm filter in the same layout: the router alone, and the
-/// no-op module (filters/noop).
-const FLOOR_CASES: [&str; 2] = ["global/router", "global/noop"];
+/// The floor of a Wasm filter in the same layout: the router alone, the
+/// no-op module (filters/noop), and our filter doing no limiting work (its
+/// rule's key header is never sent).
+const FLOOR_CASES: [&str; 3] = ["global/router", "global/noop", "global/idle"];
 const PATH: &str = "/api/items";
 
 struct Load {
@@ -71,6 +73,12 @@ struct Options {
     counted_requests: u64,
     instructions: bool,
     build: bool,
+    /// The cases to run (default both), e.g. only `global/mesh` to profile it.
+    cases: Vec<String>,
+    /// Count the floor cases (router, noop) under callgrind.
+    floor: bool,
+    /// Added to every port of the cases and the service (two benches at once).
+    port_offset: u16,
 }
 
 impl Options {
@@ -82,6 +90,9 @@ impl Options {
             counted_requests: 1000,
             instructions: true,
             build: true,
+            cases: Vec::new(),
+            floor: true,
+            port_offset: 0,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -97,8 +108,19 @@ impl Options {
                 "--counted-requests" => o.counted_requests = number()?.max(100),
                 "--no-instructions" => o.instructions = false,
                 "--no-build" => o.build = false,
+                "--no-floor" => o.floor = false,
+                "--port-offset" => {
+                    o.port_offset = u16::try_from(number()?).map_err(|_| USAGE.to_string())?
+                }
+                "--case" => match it.next().map(String::as_str) {
+                    Some(c @ ("mesh" | "native")) => o.cases.push(format!("global/{c}")),
+                    _ => return Err(format!("--case needs mesh or native; {USAGE}")),
+                },
                 _ => return Err(USAGE.to_string()),
             }
+        }
+        if o.cases.is_empty() {
+            o.cases = CASES.iter().map(|c| c.to_string()).collect();
         }
         Ok(o)
     }
@@ -231,11 +253,15 @@ fn wrk_run(
 }
 
 /// Redis and the service with `load`'s configuration on the cases' port.
-fn service(root: &Path, load: &Load) -> Result<(Redis, RateLimitService), String> {
+fn service(
+    root: &Path,
+    load: &Load,
+    port_offset: u16,
+) -> Result<(Redis, RateLimitService), String> {
     let config = fs::read_to_string(root.join(load.rls_config))
         .map_err(|e| format!("{}: {e}", load.rls_config))?;
     let redis = Redis::start();
-    let rls = RateLimitService::start_on(redis.port(), &config, RLS_PORT);
+    let rls = RateLimitService::start_on(redis.port(), &config, RLS_PORT + port_offset);
     Ok((redis, rls))
 }
 
@@ -266,7 +292,7 @@ fn throughput(
 ) -> Result<Vec<(String, String, Sample)>, String> {
     let mut results = Vec::new();
     for load in &LOADS {
-        let (redis, _rls) = service(root, load)?;
+        let (redis, _rls) = service(root, load, opts.port_offset)?;
         let running: Vec<Running> = cases
             .iter()
             .map(|c| start(envoy, root, c))
@@ -376,12 +402,12 @@ fn instructions(
             Ok((per_request, rpcs))
         };
     let mut out = Vec::new();
-    let mut service_now = Some(service(root, &LOADS[0])?);
+    let mut service_now = Some(service(root, &LOADS[0], opts.port_offset)?);
     let mut counted = start_all(cases, 70)?;
     for load in &LOADS {
         if load.name != LOADS[0].name {
             drop(service_now.take());
-            service_now = Some(service(root, load)?);
+            service_now = Some(service(root, load, opts.port_offset)?);
         }
         for (c, case) in counted.iter_mut().zip(cases) {
             let (instr, rpcs) = count(c, case, Some(load))?;
@@ -390,9 +416,12 @@ fn instructions(
     }
     drop(counted);
     drop(service_now);
+    if !opts.floor {
+        return Ok(out);
+    }
     let floors: Vec<Case> = FLOOR_CASES
         .iter()
-        .map(|name| Case::load(root, name, 0))
+        .map(|name| Case::load(root, name, opts.port_offset))
         .collect::<Result<_, _>>()?;
     let mut counted = start_all(&floors, 80)?;
     for (c, case) in counted.iter_mut().zip(&floors) {
@@ -400,6 +429,42 @@ fn instructions(
         out.push(("-".to_string(), case.name.clone(), instr, 0.0));
     }
     Ok(out)
+}
+
+/// Goal (a) judged: ours against the native filter plus a Wasm filter's
+/// floor (the no-op module over the router, and our filter idle over it).
+fn allowance(counted: &[(String, String, f64, f64)]) -> String {
+    let find = |load: &str, case: &str| {
+        counted
+            .iter()
+            .find(|(l, c, _, _)| l == load && c == case)
+            .map(|c| c.2)
+    };
+    let (Some(ours), Some(native), Some(router)) = (
+        find("under", "global/mesh"),
+        find("under", "global/native"),
+        find("-", "global/router"),
+    ) else {
+        return String::new();
+    };
+    let mut out = String::from("\nGoal (a), ours <= native + floor:\n");
+    for (floor_case, what) in [
+        ("global/noop", "the no-op module"),
+        ("global/idle", "our filter idle"),
+    ] {
+        if let Some(floor) = find("-", floor_case) {
+            let allowed = native + floor - router;
+            let _ = writeln!(
+                out,
+                "- floor = {what} over the router, {:.0}: allowance {allowed:.0}, ours {ours:.0}, {} by {:.0} ({:+.1}%)",
+                floor - router,
+                if ours <= allowed { "met" } else { "missed" },
+                (ours - allowed).abs(),
+                (ours - allowed) / allowed * 100.0
+            );
+        }
+    }
+    out
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -412,12 +477,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         crate::build::build_all()?;
     }
     let load_before = bench::load_average();
-    let upstream_case = Case::load(&root, "global/upstream", 0)?;
+    let upstream_case = Case::load(&root, "global/upstream", opts.port_offset)?;
     let _upstream = start(&envoy, &root, &upstream_case)
         .map_err(|e| format!("the upstream (envoy/bench/global/upstream.yaml): {e}"))?;
-    let cases: Vec<Case> = CASES
+    let cases: Vec<Case> = opts
+        .cases
         .iter()
-        .map(|c| Case::load(&root, c, 0))
+        .map(|c| Case::load(&root, c, opts.port_offset))
         .collect::<Result<_, _>>()?;
 
     println!(
@@ -473,6 +539,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for (_, case, instr, _) in counted.iter().filter(|c| c.0 == "-") {
         let _ = writeln!(md, "| - | {case} (floor) | | | | | | | | {instr:.0} | |");
     }
+    md.push_str(&allowance(&counted));
     let out = root.join("target/bench/global.md");
     let _ = fs::create_dir_all(root.join("target/bench"));
     fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;

@@ -142,13 +142,43 @@ pub fn unavailable_reason(message: &str, service: &str) -> String {
     }
 }
 
-/// Remembers an `OVER_LIMIT` answer for key `fp` until `now + reset_after`
-/// (nothing to remember without a reset time). The limit and window ride
-/// along so remembered rejections carry the same headers.
+/// Per rule, the time (whole seconds) until which an `OVER_LIMIT` answer may
+/// be remembered for some key, kept where every worker reads it for much less
+/// than a shared-data read of the remembered table (in Envoy: a gauge). It
+/// may run ahead of the truth, never behind, so a request that finds it past
+/// has nothing remembered to look up: under traffic that is never over its
+/// limit no request reads the table.
+pub trait RememberedUntil {
+    /// The time in seconds, or `None` if unknown (then the table is read).
+    fn get(&self, rule: usize) -> Option<u64>;
+    /// Raises it to at least `secs` (before the answer is written to the table).
+    fn raise(&self, rule: usize, secs: u64);
+}
+
+/// No such time is kept: every request of a global rule reads the table.
+pub struct AlwaysLookUp;
+
+impl RememberedUntil for AlwaysLookUp {
+    fn get(&self, _rule: usize) -> Option<u64> {
+        None
+    }
+    fn raise(&self, _rule: usize, _secs: u64) {}
+}
+
+/// Whether something may be remembered for rule `rule` at `now`.
+pub fn may_be_remembered(hint: &dyn RememberedUntil, rule: usize, now: u64) -> bool {
+    hint.get(rule)
+        .is_none_or(|secs| secs.saturating_mul(1_000_000_000) > now)
+}
+
+/// Remembers an `OVER_LIMIT` answer for key `fp` of rule `rule` until
+/// `now + reset_after` (nothing to remember without a reset time). The limit
+/// and window ride along so remembered rejections carry the same headers.
 pub fn remember(
     global: &Global,
     store: &dyn SharedStore,
-    fp: u64,
+    hint: &dyn RememberedUntil,
+    (rule, fp): (usize, u64),
     status: &ServiceStatus,
     now: u64,
 ) {
@@ -156,6 +186,7 @@ pub fn remember(
         return;
     }
     let until = now.saturating_add(status.reset_after);
+    hint.raise(rule, until.div_ceil(1_000_000_000));
     let window = u32::try_from(status.window_secs).unwrap_or(u32::MAX);
     let mut extra = [0u8; 8];
     let (limit, window_bytes) = extra.split_at_mut(4);
@@ -309,7 +340,7 @@ mod tests {
             remaining: 0,
             reset_after: 5_000_000_000,
         };
-        remember(&g, &store, 42, &status, now);
+        remember(&g, &store, &AlwaysLookUp, (0, 42), &status, now);
         assert_eq!(
             remembered(&g, &store, 42, now + 1),
             Some(ServiceStatus {
@@ -357,7 +388,7 @@ mod tests {
             let mut until = std::collections::HashMap::new();
             for (fp, reset) in &keys {
                 let status = ServiceStatus { limit: 1, window_secs: 1, remaining: 0, reset_after: *reset };
-                remember(&g, &store, *fp, &status, now);
+                remember(&g, &store, &AlwaysLookUp, (0, *fp), &status, now);
                 let e = until.entry(*fp).or_insert(0u64);
                 *e = (*e).max(now + reset);
             }

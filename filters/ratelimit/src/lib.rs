@@ -26,7 +26,7 @@ use mesh_shared::{Request, SharedStore};
 
 pub use config::{Config, HeaderStyle, LocalLimit, MissingKey, Rule};
 pub use gcra::{Decision, Gcra};
-pub use global::{FailureMode, Global, ServiceStatus};
+pub use global::{AlwaysLookUp, FailureMode, Global, RememberedUntil, ServiceStatus};
 
 /// What the filter must do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +177,18 @@ impl RateLimiter {
     /// is present, unless it says otherwise) applies. A global rule first
     /// applies its local pre-check and what is remembered, then asks.
     pub fn check(&self, req: &mut dyn Request, store: &dyn SharedStore, now: u64) -> Check {
+        self.check_with(req, store, &global::AlwaysLookUp, now)
+    }
+
+    /// [`RateLimiter::check`], reading the remembered answers of a global
+    /// rule only while `hint` says some may be in force.
+    pub fn check_with(
+        &self,
+        req: &mut dyn Request,
+        store: &dyn SharedStore,
+        hint: &dyn RememberedUntil,
+        now: u64,
+    ) -> Check {
         let route = RouteChoice::of(req, "ratelimit", self.config.route_metadata);
         for (index, rule) in self.config.rules.iter().enumerate() {
             if !route.allows(&rule.name) {
@@ -199,8 +211,10 @@ impl RateLimiter {
             let Some(global) = &rule.global else {
                 return Check::Done(Verdict::NoRule);
             };
-            if let Some(status) = global::remembered(global, store, fp, now) {
-                return Check::Done(over_global(index, rule, status, true));
+            if global::may_be_remembered(hint, index, now) {
+                if let Some(status) = global::remembered(global, store, fp, now) {
+                    return Check::Done(over_global(index, rule, status, true));
+                }
             }
             return Check::Ask(GlobalCall {
                 rule: index,
@@ -218,6 +232,19 @@ impl RateLimiter {
         call: &GlobalCall,
         outcome: CallOutcome<'_>,
         store: &dyn SharedStore,
+        now: u64,
+    ) -> Verdict {
+        self.conclude_with(call, outcome, store, &global::AlwaysLookUp, now)
+    }
+
+    /// [`RateLimiter::conclude`], raising `hint` to cover what it remembers
+    /// (the counterpart of [`RateLimiter::check_with`]).
+    pub fn conclude_with(
+        &self,
+        call: &GlobalCall,
+        outcome: CallOutcome<'_>,
+        store: &dyn SharedStore,
+        hint: &dyn RememberedUntil,
         now: u64,
     ) -> Verdict {
         let index = call.rule;
@@ -239,7 +266,7 @@ impl RateLimiter {
                 status,
             },
             global::Answer::OverLimit(status) => {
-                global::remember(global, store, call.fp, &status, now);
+                global::remember(global, store, hint, (index, call.fp), &status, now);
                 over_global(index, rule, status, false)
             }
             global::Answer::Invalid => match global.failure_mode {

@@ -9,11 +9,11 @@ use mesh_shared::host::{self, HostStore, Metric};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
 use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
+use proxy_wasm::types::{MapType, MetricType};
 
 use crate::global::{read_answer, unavailable_reason, Answer};
 use crate::rls;
-use crate::{CallOutcome, Check, Config, GlobalCall, RateLimiter, Verdict};
+use crate::{CallOutcome, Check, Config, GlobalCall, RateLimiter, RememberedUntil, Verdict};
 
 pub const FILTER: &str = "ratelimit";
 
@@ -145,10 +145,67 @@ impl RuleStats {
     }
 }
 
+/// Per global rule (by index), the gauge `mesh_ratelimit_global_remembered_until_seconds`:
+/// the time (unix seconds) until which an `OVER_LIMIT` answer may be
+/// remembered for some key. One stat for every worker, read for an eighth of
+/// a shared-data read of the table (a number written straight into the
+/// module's memory, no hand-over through an allocation: BENCHMARKS.md).
+struct RememberedGauges(Vec<Option<u32>>);
+
+impl RememberedGauges {
+    fn define(config: &Config) -> RememberedGauges {
+        let gauge = |rule: &crate::Rule| {
+            rule.global.as_ref()?;
+            let name = stat_name(
+                "mesh_ratelimit_global_remembered_until_seconds",
+                &[("rule", &rule.name)],
+            );
+            let id = hostcalls::define_metric(MetricType::Gauge, &name).ok()?;
+            moves(id, &rule.name).then_some(id)
+        };
+        RememberedGauges(config.rules.iter().map(gauge).collect())
+    }
+}
+
+/// Whether the gauge keeps what is added: a stats matcher that rejects it
+/// leaves Envoy's null gauge, always 0, and trusting that would never read
+/// the table. The probe's +1 stays (one second ahead: never behind).
+fn moves(id: u32, rule: &str) -> bool {
+    let Ok(before) = hostcalls::get_metric(id) else {
+        return false;
+    };
+    let added = hostcalls::increment_metric(id, 1).is_ok();
+    let usable = added && hostcalls::get_metric(id).is_ok_and(|after| after > before);
+    if !usable {
+        log::info!("{FILTER}: rule {rule}: gauge mesh_ratelimit_global_remembered_until_seconds keeps no value (rejected by a stats matcher?): remembered answers are looked up on every request");
+    }
+    usable
+}
+
+impl RememberedUntil for RememberedGauges {
+    fn get(&self, rule: usize) -> Option<u64> {
+        hostcalls::get_metric(self.0.get(rule).copied().flatten()?).ok()
+    }
+
+    fn raise(&self, rule: usize, secs: u64) {
+        let Some(id) = self.0.get(rule).copied().flatten() else {
+            return;
+        };
+        if let Ok(current) = hostcalls::get_metric(id) {
+            // Workers raising at once each add: it runs ahead, never behind.
+            let delta = i64::try_from(secs.saturating_sub(current)).unwrap_or(i64::MAX);
+            if delta > 0 {
+                let _ = hostcalls::increment_metric(id, delta);
+            }
+        }
+    }
+}
+
 /// The configured filter: the limiter and its stat ids.
 pub struct Ratelimit {
     limiter: RateLimiter,
     stats: Vec<RuleStats>,
+    remembered_until: RememberedGauges,
 }
 
 impl Ratelimit {
@@ -157,11 +214,16 @@ impl Ratelimit {
         let limiter = RateLimiter::new(config);
         limiter.create_tables(&HostStore);
         let stats = limiter.config.rules.iter().map(RuleStats::define).collect();
+        let remembered_until = RememberedGauges::define(&limiter.config);
         log::info!(
             "{FILTER}: configured {} rule(s)",
             limiter.config.rules.len()
         );
-        Ratelimit { limiter, stats }
+        Ratelimit {
+            limiter,
+            stats,
+            remembered_until,
+        }
     }
 }
 
@@ -274,9 +336,13 @@ impl RatelimitStream {
                         ),
                     );
                 }
-                let verdict = state
-                    .limiter
-                    .conclude(&call, CallOutcome::Failed, &HostStore, now);
+                let verdict = state.limiter.conclude_with(
+                    &call,
+                    CallOutcome::Failed,
+                    &HostStore,
+                    &state.remembered_until,
+                    now,
+                );
                 self.act(verdict)
             }
         }
@@ -286,7 +352,10 @@ impl RatelimitStream {
 impl Part for RatelimitStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let now = ex.now();
-        let check = self.state.limiter.check(ex, &HostStore, now);
+        let state = &self.state;
+        let check = state
+            .limiter
+            .check_with(ex, &HostStore, &state.remembered_until, now);
         match check {
             Check::Done(verdict) => self.act(verdict),
             Check::Ask(call) => self.ask(call, now),
@@ -369,10 +438,14 @@ impl Part for RatelimitStream {
                 None => g.logged_failure.set(false),
             }
         }
-        let verdict = self
-            .state
-            .limiter
-            .conclude(&pending.call, outcome, &HostStore, now);
+        let state = &self.state;
+        let verdict = state.limiter.conclude_with(
+            &pending.call,
+            outcome,
+            &HostStore,
+            &state.remembered_until,
+            now,
+        );
         Some(self.act(verdict))
     }
 }

@@ -427,3 +427,81 @@ proptest! {
         }
     }
 }
+
+/// A time per rule that only goes up, as the adapter's gauges in Envoy.
+#[derive(Default)]
+struct Gauges(std::cell::RefCell<std::collections::HashMap<usize, u64>>);
+
+impl RememberedUntil for Gauges {
+    fn get(&self, rule: usize) -> Option<u64> {
+        Some(self.0.borrow().get(&rule).copied().unwrap_or(0))
+    }
+    fn raise(&self, rule: usize, secs: u64) {
+        let mut gauges = self.0.borrow_mut();
+        let g = gauges.entry(rule).or_insert(0);
+        *g = (*g).max(secs);
+    }
+}
+
+#[test]
+fn the_remembered_table_is_read_only_while_the_hint_says_it_may_hold_something() {
+    let (l, s) = limiter(GLOBAL);
+    let g = Gauges::default();
+    // Rule "strict": global only, no local limit in the way.
+    let user = |u: &str| user(u).with(Attribute::Path, "/strict");
+    let over = answer(Code::OverLimit, 0, 20);
+    // Remembered behind the hint's back: a request that trusts it does not look.
+    let call = ask(&l, &mut user("carol"), &s, NOW);
+    l.conclude(&call, CallOutcome::Answered(&over), &s, NOW);
+    assert!(matches!(
+        l.check_with(&mut user("carol"), &s, &g, NOW + 1),
+        Check::Ask(_)
+    ));
+    // Remembered through it: the hint covers the reset, and the key is rejected.
+    l.conclude_with(&call, CallOutcome::Answered(&over), &s, &g, NOW);
+    assert_eq!(g.get(0), Some(NOW / 1_000_000_000 + 20));
+    assert!(matches!(
+        l.check_with(&mut user("carol"), &s, &g, NOW + 1),
+        Check::Done(Verdict::GlobalLimited {
+            remembered: true,
+            ..
+        })
+    ));
+    assert!(matches!(
+        l.check_with(&mut user("dave"), &s, &g, NOW + 1),
+        Check::Ask(_)
+    ));
+    assert!(matches!(
+        l.check_with(&mut user("carol"), &s, &g, NOW + 20_000_000_000),
+        Check::Ask(_)
+    ));
+}
+
+proptest! {
+    /// Kept by `conclude`, the hint never changes a decision: the same
+    /// requests and answers decide the same with it as with a table read
+    /// on every request.
+    #[test]
+    fn the_hint_never_changes_a_decision(
+        steps in proptest::collection::vec((0u8..4, any::<bool>(), 1i64..30, 0u64..8_000_000_000), 1..60),
+    ) {
+        let (l, always) = limiter(GLOBAL);
+        let hinted = MemoryStore::new();
+        l.create_tables(&hinted);
+        let g = Gauges::default();
+        let mut now = NOW;
+        for (u, over, reset, step) in steps {
+            now += step;
+            let name = format!("u{u}");
+            let plain = l.check(&mut user(&name), &always, now);
+            let with_hint = l.check_with(&mut user(&name), &hinted, &g, now);
+            prop_assert_eq!(&plain, &with_hint);
+            if let Check::Ask(call) = plain {
+                let bytes = answer(if over { Code::OverLimit } else { Code::Ok }, 0, reset);
+                let a = l.conclude(&call, CallOutcome::Answered(&bytes), &always, now);
+                let b = l.conclude_with(&call, CallOutcome::Answered(&bytes), &hinted, &g, now);
+                prop_assert_eq!(a, b);
+            }
+        }
+    }
+}

@@ -53,7 +53,7 @@ impl Case {
                 }
                 let dir = root.join("target/bench/cases");
                 let copy = dir.join(format!("{name}.yaml"));
-                fs::create_dir_all(&dir)
+                fs::create_dir_all(copy.parent().unwrap_or(&dir))
                     .and_then(|()| fs::write(&copy, &text))
                     .map_err(|e| format!("{}: {e}", copy.display()))?;
                 (copy, text)
