@@ -111,15 +111,27 @@ pub(crate) struct Error {
 }
 
 impl Error {
-    fn in_field(mut self, key: &str) -> Error {
+    #[cold]
+    #[inline(never)]
+    fn prefix_field(&mut self, key: &str) {
         self.path.insert_str(0, key);
         self.path.insert(0, '.');
-        self
     }
-    fn in_item(mut self, index: usize) -> Error {
+    #[cold]
+    #[inline(never)]
+    fn prefix_item(&mut self, index: usize) {
         self.path.insert_str(0, &format!("[{index}]"));
-        self
     }
+}
+
+/// `result` with its error put under the field `key`, in place (mapping
+/// the error would copy the value once more, in the code of each spec type).
+#[inline(always)]
+fn in_field<T>(mut result: Result<T, Error>, key: &str) -> Result<T, Error> {
+    if let Err(e) = &mut result {
+        e.prefix_field(key);
+    }
+    result
 }
 
 impl fmt::Display for Error {
@@ -199,6 +211,23 @@ impl Json {
             Json::TooDeep => Unexpected::Other("a value nested too deeply"),
         }
     }
+
+    /// The error `deserialize_any` gives a visitor that takes no value of
+    /// this JSON type (through the visitor's default `visit_*` methods).
+    #[cold]
+    #[inline(never)]
+    fn mismatch(&self, expected: &dyn Expected) -> Error {
+        match self {
+            Json::TooDeep => too_deep(),
+            other => de::Error::invalid_type(other.unexpected(), expected),
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn too_deep() -> Error {
+    de::Error::custom(format_args!("nested more than {MAX_DEPTH} levels deep"))
 }
 
 impl<'de> Deserializer<'de> for &'de Json {
@@ -212,19 +241,51 @@ impl<'de> Deserializer<'de> for &'de Json {
             Json::I64(n) => visitor.visit_i64(*n),
             Json::F64(n) => visitor.visit_f64(*n),
             Json::Str(s) => visitor.visit_borrowed_str(s),
-            Json::Array(items) => {
-                let mut seq = Items {
-                    items: items.iter(),
-                    index: 0,
-                };
-                let value = visitor.visit_seq(&mut seq)?;
-                all_read(seq.items.len(), "fewer elements in array")?;
-                Ok(value)
-            }
+            Json::Array(items) => visit_array(items, visitor),
             Json::Object(entries) => visit_object(entries, visitor),
-            Json::TooDeep => Err(de::Error::custom(format_args!(
-                "nested more than {MAX_DEPTH} levels deep"
-            ))),
+            Json::TooDeep => Err(too_deep()),
+        }
+    }
+
+    // The types below read one JSON type only: what `deserialize_any` would
+    // do, without compiling every `visit_*` of every such visitor.
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Bool(b) => visitor.visit_bool(*b),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Str(s) => visitor.visit_borrowed_str(s),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Null => visitor.visit_unit(),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Array(items) => visit_array(items, visitor),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Object(entries) => visit_object(entries, visitor),
+            other => Err(other.mismatch(&visitor)),
         }
     }
 
@@ -283,9 +344,19 @@ impl<'de> Deserializer<'de> for &'de Json {
     }
 
     forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct map identifier
+        i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char
+        bytes byte_buf unit_struct tuple tuple_struct identifier
     }
+}
+
+fn visit_array<'de, V: Visitor<'de>>(items: &'de [Json], visitor: V) -> Result<V::Value, Error> {
+    let mut seq = Items {
+        items: items.iter(),
+        index: 0,
+    };
+    let value = visitor.visit_seq(&mut seq)?;
+    all_read(seq.items.len(), "fewer elements in array")?;
+    Ok(value)
 }
 
 fn visit_object<'de, V: Visitor<'de>>(
@@ -327,9 +398,11 @@ impl<'de> de::SeqAccess<'de> for Items<'de> {
         };
         let index = self.index;
         self.index += 1;
-        seed.deserialize(item)
-            .map(Some)
-            .map_err(|e| e.in_item(index))
+        let mut item = seed.deserialize(item).map(Some);
+        if let Err(e) = &mut item {
+            e.prefix_item(index);
+        }
+        item
     }
     fn size_hint(&self) -> Option<usize> {
         Some(self.items.len())
@@ -351,13 +424,17 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
             return Ok(None);
         };
         self.value = Some(entry);
-        seed.deserialize(BorrowedStrDeserializer::<Error>::new(&entry.0))
-            .map(Some)
-            .map_err(|e| e.in_field(&entry.0))
+        match seed.deserialize(BorrowedStrDeserializer::<Error>::new(&entry.0)) {
+            Ok(key) => Ok(Some(key)),
+            Err(mut e) => {
+                e.prefix_field(&entry.0);
+                Err(e)
+            }
+        }
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         match self.value.take() {
-            Some((key, value)) => seed.deserialize(value).map_err(|e| e.in_field(key)),
+            Some((key, value)) => in_field(seed.deserialize(value), key),
             None => Err(de::Error::custom(
                 "a map value was asked for before its key",
             )),
@@ -384,15 +461,15 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
     type Error = Error;
     fn unit_variant(self) -> Result<(), Error> {
         let (key, value) = self.0;
-        de::Deserialize::deserialize(value).map_err(|e: Error| e.in_field(key))
+        in_field(de::Deserialize::deserialize(value), key)
     }
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
         let (key, value) = self.0;
-        seed.deserialize(value).map_err(|e| e.in_field(key))
+        in_field(seed.deserialize(value), key)
     }
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        value.deserialize_seq(visitor).map_err(|e| e.in_field(key))
+        in_field(value.deserialize_seq(visitor), key)
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
@@ -400,6 +477,6 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        value.deserialize_map(visitor).map_err(|e| e.in_field(key))
+        in_field(value.deserialize_map(visitor), key)
     }
 }
