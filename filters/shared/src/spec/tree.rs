@@ -9,6 +9,7 @@
 //! error type is our own, so serde's float printing (core's float formatting,
 //! which serde_json's type errors reach) stays out of the modules.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::value::BorrowedStrDeserializer;
@@ -111,27 +112,71 @@ pub(crate) struct Error {
 }
 
 impl Error {
+    /// An error at the value being read now: the path is taken when the
+    /// error is made, so no reader has to look at the results it passes on
+    /// (which would cost a copy of every value, in the code of every type).
     #[cold]
     #[inline(never)]
-    fn prefix_field(&mut self, key: &str) {
-        self.path.insert_str(0, key);
-        self.path.insert(0, '.');
-    }
-    #[cold]
-    #[inline(never)]
-    fn prefix_item(&mut self, index: usize) {
-        self.path.insert_str(0, &format!("[{index}]"));
+    fn new(message: String) -> Error {
+        let path = PATH.with(|p| {
+            let path = p.take();
+            let copy = path.clone();
+            p.set(path);
+            copy
+        });
+        Error { path, message }
     }
 }
 
-/// `result` with its error put under the field `key`, in place (mapping
-/// the error would copy the value once more, in the code of each spec type).
-#[inline(always)]
-fn in_field<T>(mut result: Result<T, Error>, key: &str) -> Result<T, Error> {
-    if let Err(e) = &mut result {
-        e.prefix_field(key);
+thread_local! {
+    /// The JSON path of the value being read (`.rules[0].name`).
+    static PATH: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// The path extended for one nested value while it is read; the old path is
+/// back when this is dropped.
+struct Within {
+    len: usize,
+}
+
+impl Within {
+    #[inline(never)]
+    fn field(key: &str) -> Within {
+        Within::extend(|path| {
+            path.push('.');
+            path.push_str(key);
+        })
     }
-    result
+
+    #[inline(never)]
+    fn item(index: usize) -> Within {
+        Within::extend(|path| {
+            path.push('[');
+            path.push_str(&index.to_string());
+            path.push(']');
+        })
+    }
+
+    fn extend(add: impl FnOnce(&mut String)) -> Within {
+        PATH.with(|p| {
+            let mut path = p.take();
+            let len = path.len();
+            add(&mut path);
+            p.set(path);
+            Within { len }
+        })
+    }
+}
+
+impl Drop for Within {
+    #[inline(never)]
+    fn drop(&mut self) {
+        PATH.with(|p| {
+            let mut path = p.take();
+            path.truncate(self.len);
+            p.set(path);
+        });
+    }
 }
 
 impl fmt::Display for Error {
@@ -144,10 +189,7 @@ impl std::error::Error for Error {}
 
 impl de::Error for Error {
     fn custom<T: fmt::Display>(message: T) -> Error {
-        Error {
-            path: String::new(),
-            message: message.to_string(),
-        }
+        Error::new(message.to_string())
     }
     fn invalid_type(unexpected: Unexpected<'_>, expected: &dyn Expected) -> Error {
         Error::custom(format_args!(
@@ -396,13 +438,9 @@ impl<'de> de::SeqAccess<'de> for Items<'de> {
         let Some(item) = self.items.next() else {
             return Ok(None);
         };
-        let index = self.index;
+        let _within = Within::item(self.index);
         self.index += 1;
-        let mut item = seed.deserialize(item).map(Some);
-        if let Err(e) = &mut item {
-            e.prefix_item(index);
-        }
-        item
+        seed.deserialize(item).map(Some)
     }
     fn size_hint(&self) -> Option<usize> {
         Some(self.items.len())
@@ -424,17 +462,16 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
             return Ok(None);
         };
         self.value = Some(entry);
-        match seed.deserialize(BorrowedStrDeserializer::<Error>::new(&entry.0)) {
-            Ok(key) => Ok(Some(key)),
-            Err(mut e) => {
-                e.prefix_field(&entry.0);
-                Err(e)
-            }
-        }
+        let _within = Within::field(&entry.0);
+        seed.deserialize(BorrowedStrDeserializer::<Error>::new(&entry.0))
+            .map(Some)
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         match self.value.take() {
-            Some((key, value)) => in_field(seed.deserialize(value), key),
+            Some((key, value)) => {
+                let _within = Within::field(key);
+                seed.deserialize(value)
+            }
             None => Err(de::Error::custom(
                 "a map value was asked for before its key",
             )),
@@ -461,15 +498,18 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
     type Error = Error;
     fn unit_variant(self) -> Result<(), Error> {
         let (key, value) = self.0;
-        in_field(de::Deserialize::deserialize(value), key)
+        let _within = Within::field(key);
+        de::Deserialize::deserialize(value)
     }
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
         let (key, value) = self.0;
-        in_field(seed.deserialize(value), key)
+        let _within = Within::field(key);
+        seed.deserialize(value)
     }
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        in_field(value.deserialize_seq(visitor), key)
+        let _within = Within::field(key);
+        value.deserialize_seq(visitor)
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
@@ -477,6 +517,7 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        in_field(value.deserialize_map(visitor), key)
+        let _within = Within::field(key);
+        value.deserialize_map(visitor)
     }
 }
