@@ -83,10 +83,18 @@ impl Budget {
     /// of the key so a changed configuration starts a fresh budget (its series
     /// have other names).
     pub fn new(scope: &str, config: &Config) -> Budget {
+        // The label names (letters, digits, '_') quoted as `{:?}` of the list
+        // would, without bringing str's escaping and its Unicode tables in.
+        let names: Vec<String> = config
+            .labels
+            .request_names()
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect();
         let layout = format!(
-            "{}|{:?}|{}|{}",
+            "{}|[{}]|{}|{}",
             config.prefix,
-            config.labels.request_names(),
+            names.join(", "),
             config.labels.status_code,
             config.labels.status_class
         );

@@ -393,6 +393,10 @@ pub fn unique_names<'a>(
 
 mod tree;
 
+mod instances;
+#[doc(hidden)]
+pub use instances::compile_shared_readers;
+
 #[cfg(feature = "schema")]
 mod schema;
 #[cfg(feature = "schema")]

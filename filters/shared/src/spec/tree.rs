@@ -9,6 +9,7 @@
 //! error type is our own, so serde's float printing (core's float formatting,
 //! which serde_json's type errors reach) stays out of the modules.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::value::BorrowedStrDeserializer;
@@ -111,14 +112,70 @@ pub(crate) struct Error {
 }
 
 impl Error {
-    fn in_field(mut self, key: &str) -> Error {
-        self.path.insert_str(0, key);
-        self.path.insert(0, '.');
-        self
+    /// An error at the value being read now: the path is taken when the
+    /// error is made, so no reader has to look at the results it passes on
+    /// (which would cost a copy of every value, in the code of every type).
+    #[cold]
+    #[inline(never)]
+    fn new(message: String) -> Error {
+        let path = PATH.with(|p| {
+            let path = p.take();
+            let copy = path.clone();
+            p.set(path);
+            copy
+        });
+        Error { path, message }
     }
-    fn in_item(mut self, index: usize) -> Error {
-        self.path.insert_str(0, &format!("[{index}]"));
-        self
+}
+
+thread_local! {
+    /// The JSON path of the value being read (`.rules[0].name`).
+    static PATH: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// The path extended for one nested value while it is read; the old path is
+/// back when this is dropped.
+struct Within {
+    len: usize,
+}
+
+impl Within {
+    #[inline(never)]
+    fn field(key: &str) -> Within {
+        Within::extend(|path| {
+            path.push('.');
+            path.push_str(key);
+        })
+    }
+
+    #[inline(never)]
+    fn item(index: usize) -> Within {
+        Within::extend(|path| {
+            path.push('[');
+            path.push_str(&index.to_string());
+            path.push(']');
+        })
+    }
+
+    fn extend(add: impl FnOnce(&mut String)) -> Within {
+        PATH.with(|p| {
+            let mut path = p.take();
+            let len = path.len();
+            add(&mut path);
+            p.set(path);
+            Within { len }
+        })
+    }
+}
+
+impl Drop for Within {
+    #[inline(never)]
+    fn drop(&mut self) {
+        PATH.with(|p| {
+            let mut path = p.take();
+            path.truncate(self.len);
+            p.set(path);
+        });
     }
 }
 
@@ -132,10 +189,7 @@ impl std::error::Error for Error {}
 
 impl de::Error for Error {
     fn custom<T: fmt::Display>(message: T) -> Error {
-        Error {
-            path: String::new(),
-            message: message.to_string(),
-        }
+        Error::new(message.to_string())
     }
     fn invalid_type(unexpected: Unexpected<'_>, expected: &dyn Expected) -> Error {
         Error::custom(format_args!(
@@ -199,6 +253,23 @@ impl Json {
             Json::TooDeep => Unexpected::Other("a value nested too deeply"),
         }
     }
+
+    /// The error `deserialize_any` gives a visitor that takes no value of
+    /// this JSON type (through the visitor's default `visit_*` methods).
+    #[cold]
+    #[inline(never)]
+    fn mismatch(&self, expected: &dyn Expected) -> Error {
+        match self {
+            Json::TooDeep => too_deep(),
+            other => de::Error::invalid_type(other.unexpected(), expected),
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn too_deep() -> Error {
+    de::Error::custom(format_args!("nested more than {MAX_DEPTH} levels deep"))
 }
 
 impl<'de> Deserializer<'de> for &'de Json {
@@ -212,19 +283,51 @@ impl<'de> Deserializer<'de> for &'de Json {
             Json::I64(n) => visitor.visit_i64(*n),
             Json::F64(n) => visitor.visit_f64(*n),
             Json::Str(s) => visitor.visit_borrowed_str(s),
-            Json::Array(items) => {
-                let mut seq = Items {
-                    items: items.iter(),
-                    index: 0,
-                };
-                let value = visitor.visit_seq(&mut seq)?;
-                all_read(seq.items.len(), "fewer elements in array")?;
-                Ok(value)
-            }
+            Json::Array(items) => visit_array(items, visitor),
             Json::Object(entries) => visit_object(entries, visitor),
-            Json::TooDeep => Err(de::Error::custom(format_args!(
-                "nested more than {MAX_DEPTH} levels deep"
-            ))),
+            Json::TooDeep => Err(too_deep()),
+        }
+    }
+
+    // The types below read one JSON type only: what `deserialize_any` would
+    // do, without compiling every `visit_*` of every such visitor.
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Bool(b) => visitor.visit_bool(*b),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Str(s) => visitor.visit_borrowed_str(s),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Null => visitor.visit_unit(),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Array(items) => visit_array(items, visitor),
+            other => Err(other.mismatch(&visitor)),
+        }
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+        match self {
+            Json::Object(entries) => visit_object(entries, visitor),
+            other => Err(other.mismatch(&visitor)),
         }
     }
 
@@ -283,9 +386,19 @@ impl<'de> Deserializer<'de> for &'de Json {
     }
 
     forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct map identifier
+        i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char
+        bytes byte_buf unit_struct tuple tuple_struct identifier
     }
+}
+
+fn visit_array<'de, V: Visitor<'de>>(items: &'de [Json], visitor: V) -> Result<V::Value, Error> {
+    let mut seq = Items {
+        items: items.iter(),
+        index: 0,
+    };
+    let value = visitor.visit_seq(&mut seq)?;
+    all_read(seq.items.len(), "fewer elements in array")?;
+    Ok(value)
 }
 
 fn visit_object<'de, V: Visitor<'de>>(
@@ -325,11 +438,9 @@ impl<'de> de::SeqAccess<'de> for Items<'de> {
         let Some(item) = self.items.next() else {
             return Ok(None);
         };
-        let index = self.index;
+        let _within = Within::item(self.index);
         self.index += 1;
-        seed.deserialize(item)
-            .map(Some)
-            .map_err(|e| e.in_item(index))
+        seed.deserialize(item).map(Some)
     }
     fn size_hint(&self) -> Option<usize> {
         Some(self.items.len())
@@ -351,13 +462,16 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
             return Ok(None);
         };
         self.value = Some(entry);
+        let _within = Within::field(&entry.0);
         seed.deserialize(BorrowedStrDeserializer::<Error>::new(&entry.0))
             .map(Some)
-            .map_err(|e| e.in_field(&entry.0))
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         match self.value.take() {
-            Some((key, value)) => seed.deserialize(value).map_err(|e| e.in_field(key)),
+            Some((key, value)) => {
+                let _within = Within::field(key);
+                seed.deserialize(value)
+            }
             None => Err(de::Error::custom(
                 "a map value was asked for before its key",
             )),
@@ -384,15 +498,18 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
     type Error = Error;
     fn unit_variant(self) -> Result<(), Error> {
         let (key, value) = self.0;
-        de::Deserialize::deserialize(value).map_err(|e: Error| e.in_field(key))
+        let _within = Within::field(key);
+        de::Deserialize::deserialize(value)
     }
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
         let (key, value) = self.0;
-        seed.deserialize(value).map_err(|e| e.in_field(key))
+        let _within = Within::field(key);
+        seed.deserialize(value)
     }
     fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        value.deserialize_seq(visitor).map_err(|e| e.in_field(key))
+        let _within = Within::field(key);
+        value.deserialize_seq(visitor)
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
@@ -400,6 +517,7 @@ impl<'de> de::VariantAccess<'de> for Variant<'de> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let (key, value) = self.0;
-        value.deserialize_map(visitor).map_err(|e| e.in_field(key))
+        let _within = Within::field(key);
+        value.deserialize_map(visitor)
     }
 }
