@@ -159,10 +159,11 @@ impl Exchange {
 
     /// Makes the next route read give the route that served the request:
     /// forgets the route and cluster read so far when a filter outside this
-    /// module may have re-routed it. (A re-route inside the module already
-    /// forgot them: what was read since is the final route.)
+    /// module may have re-routed it, or a part of it did. (A route read in
+    /// the request phase after a re-route is not the final one: Envoy picks
+    /// the new route only when the router asks for it, so it is read again.)
     pub fn refresh_route(&mut self) {
-        if self.others_may_reroute {
+        if self.others_may_reroute || self.reroutes > 0 {
             self.request.refresh_route();
             self.metadata.clear();
         }
