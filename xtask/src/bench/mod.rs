@@ -7,7 +7,7 @@
 //! Envoy answering 200 itself, `envoy/bench/upstream.yaml`), so only the HTTP
 //! filters differ. Steps:
 //!
-//! 1. build the filters and the no-op filter (`filters/noop`), `wasm-opt -Oz`
+//! 1. build the filters and the no-op filter (`filters/noop`), wasm-opt
 //!    copies in `target/bench/wasm-opt/`, and record the sizes;
 //! 2. time from starting Envoy to its first answered request, per case;
 //! 3. start one Envoy per case (`--concurrency 1`) and load each with `wrk`

@@ -193,7 +193,7 @@ impl Report {
         let _ = writeln!(s, "\n### Module sizes\n");
         let _ = writeln!(
             s,
-            "| module | as built | dist/ (shipped) | as built + wasm-opt -Oz |"
+            "| module | as built | dist/ (shipped) | as built + wasm-opt (the build's passes) |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: |");
         for z in &self.sizes {

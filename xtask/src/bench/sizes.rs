@@ -1,5 +1,6 @@
 //! Building the modules (`cargo xtask build`) and their sizes: as built, as
-//! shipped in dist/, and after `wasm-opt -Oz`.
+//! shipped in dist/, and after wasm-opt with the build's passes
+//! (`build::WASM_OPT_PASSES`: `-Oz` and the rest, as `cargo xtask build` runs it).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,13 +42,13 @@ pub(crate) struct Size {
     /// What ships: dist/<module>.wasm (`cargo xtask build` runs wasm-opt when it can).
     #[serde(rename = "dist_bytes")]
     pub(crate) dist: Option<u64>,
-    /// The as-built module after `wasm-opt -Oz` (null in results.json when it failed).
+    /// The as-built module after wasm-opt with the build's passes (null in results.json when it failed).
     #[serde(rename = "wasm_opt_bytes", serialize_with = "json::ok_or_null")]
     pub(crate) optimized: Result<u64, String>,
 }
 
 /// Sizes of each module as built, as shipped in dist/, and after
-/// `wasm-opt -Oz`; copies of the as-built and optimized modules go to
+/// wasm-opt with the build's passes; copies of the as-built and optimized modules go to
 /// target/bench/{as-built,wasm-opt}/ (the `*-as-built` / `*-wasm-opt` cases load them).
 pub(crate) fn measure_sizes(root: &Path, out_dir: &Path, built_dir: &Path) -> Vec<Size> {
     let (raw_dir, opt_dir) = (out_dir.join("as-built"), out_dir.join("wasm-opt"));
@@ -71,7 +72,7 @@ pub(crate) fn measure_sizes(root: &Path, out_dir: &Path, built_dir: &Path) -> Ve
                 (Err(e), _) => Err(e.clone()),
                 (_, None) => Err("not built".into()),
                 (Ok(tool), Some(_)) => Command::new(tool)
-                    .arg("-Oz")
+                    .args(build::WASM_OPT_PASSES)
                     .args(build::WASM_OPT_FEATURES)
                     .arg(&raw)
                     .arg("-o")
@@ -91,7 +92,7 @@ pub(crate) fn measure_sizes(root: &Path, out_dir: &Path, built_dir: &Path) -> Ve
             let dist = size(&mesh_testkit::dist_dir().join(&file));
             let show = |b: Option<u64>| b.map_or("missing".into(), kib);
             println!(
-                "    {module:<16} as built {:>10}   dist/ {:>10}   wasm-opt -Oz: {}",
+                "    {module:<16} as built {:>10}   dist/ {:>10}   wasm-opt: {}",
                 show(as_built),
                 show(dist),
                 optimized.as_ref().map_or_else(|e| e.clone(), |b| kib(*b))
