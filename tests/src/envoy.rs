@@ -327,14 +327,7 @@ impl Envoy {
 
     /// Resident memory of the Envoy process in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        rss_kib(self.child.id())
     }
 
     /// Whether the process is still running.
@@ -479,6 +472,18 @@ pub fn validate(config: &Path) -> io::Result<(bool, String)> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok((out.status.success(), text))
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in /proc; 0 when gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

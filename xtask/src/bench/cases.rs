@@ -231,14 +231,7 @@ impl Running {
     }
 
     pub(crate) fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        mesh_testkit::envoy::rss_kib(self.pid())
     }
 }
 
