@@ -2,6 +2,7 @@
 
 use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
+use mesh_shared::request::HeaderNames;
 use mesh_shared::spec::{self, unique_names, Duration, Integer, LocalResponseSpec};
 use mesh_shared::{Attribute, Matcher, Source};
 
@@ -115,6 +116,16 @@ pub struct SlowCall {
 pub type Response = LocalResponse;
 
 impl Config {
+    /// Adds the request headers the rules may read per request.
+    pub fn request_headers(&self, names: &mut HeaderNames) {
+        for rule in &self.rules {
+            rule.matcher.add_headers(names);
+            if let Scope::Header(name) = &rule.scope {
+                names.add(name);
+            }
+        }
+    }
+
     /// Parses the plugin configuration. `scope` names this filter instance in
     /// shared-data keys (the Envoy plugin name).
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_shared::clock::Clock;
 use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
-use mesh_shared::request::{Attribute, Request};
+use mesh_shared::request::{Attribute, HeaderNames, Request};
 use mesh_shared::stats::stat_name;
 
 use crate::{Call, Change, CircuitBreaker, Config, Response, Slot, Summary, Transition, Verdict};
@@ -99,6 +99,10 @@ impl Breaker {
 
 impl Policy for Breaker {
     type Stream = BreakerStream;
+
+    fn request_headers(&self, names: &mut HeaderNames) {
+        self.breaker.config.request_headers(names);
+    }
 
     fn stream(self: &Rc<Self>, _ex: &mut Exchange) -> BreakerStream {
         BreakerStream {

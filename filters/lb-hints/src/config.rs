@@ -2,6 +2,7 @@
 
 use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
+use mesh_shared::request::HeaderNames;
 use mesh_shared::spec::{self, unique_names, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
 
@@ -91,6 +92,19 @@ pub enum NoTarget {
 pub type Response = LocalResponse;
 
 impl Config {
+    /// Adds the request headers the rules may read per request.
+    pub fn request_headers(&self, names: &mut HeaderNames) {
+        for rule in &self.rules {
+            rule.matcher.add_headers(names);
+            if let Some(sticky) = &rule.sticky {
+                names.add_source(sticky);
+            }
+            if let Some(header) = &rule.override_header {
+                names.add(header);
+            }
+        }
+    }
+
     /// Parses the plugin configuration. `scope` names this filter instance in
     /// shared-data keys (the Envoy plugin name).
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {

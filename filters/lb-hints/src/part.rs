@@ -12,6 +12,7 @@ use mesh_shared::hash::hash64;
 use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
 use mesh_shared::outcome::Response;
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
+use mesh_shared::request::HeaderNames;
 use mesh_shared::stats::stat_name;
 
 use crate::canary::{self, Change, Phase, Verdict};
@@ -166,6 +167,10 @@ impl LbHints {
 
 impl Policy for LbHints {
     type Stream = LbHintsStream;
+
+    fn request_headers(&self, names: &mut HeaderNames) {
+        self.balancer.config.request_headers(names);
+    }
 
     fn stream(self: &Rc<Self>, _ex: &mut Exchange) -> LbHintsStream {
         LbHintsStream {

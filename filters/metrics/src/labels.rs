@@ -5,6 +5,7 @@
 //! the request's series are cached. The response-side labels (status code and
 //! class) are a number ([`StatusKey`]), so the response phase builds no string.
 
+use mesh_shared::request::HeaderNames;
 use mesh_shared::{Attribute, Request};
 
 use crate::config::{CustomLabel, Labels, MAX_LABEL_VALUE_LEN};
@@ -40,6 +41,16 @@ impl Labels {
         }
         names.extend(self.custom.iter().map(|c| c.name.as_str()));
         names
+    }
+
+    /// Adds the request headers [`Labels::request_key`] reads.
+    pub fn request_headers(&self, names: &mut HeaderNames) {
+        if self.method {
+            names.add_attribute(Attribute::Method);
+        }
+        for label in &self.custom {
+            names.add(&label.header);
+        }
     }
 
     /// The request-side label values of `req`, as a cache key.

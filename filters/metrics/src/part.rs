@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use mesh_shared::host::{self, HostStore, Metric};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
+use mesh_shared::request::HeaderNames;
 use mesh_shared::stats::stat_name;
 
 use crate::{Budget, Config, Define, Names, Registry};
@@ -108,6 +109,10 @@ impl Metrics {
 
 impl Policy for Metrics {
     type Stream = MetricsStream;
+
+    fn request_headers(&self, names: &mut HeaderNames) {
+        self.state.borrow().registry.labels().request_headers(names);
+    }
 
     fn stream(self: &Rc<Self>, ex: &mut Exchange) -> MetricsStream {
         MetricsStream {

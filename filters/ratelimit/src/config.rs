@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use mesh_shared::config::{ConfigError, LocalResponse};
 use mesh_shared::hash::KeyHasher;
+use mesh_shared::request::HeaderNames;
 use mesh_shared::spec::{self, unique_names, Integer, LocalResponseSpec};
 use mesh_shared::{Matcher, Source};
 
@@ -83,6 +84,14 @@ pub enum HeaderStyle {
 }
 
 impl Config {
+    /// Adds the request headers the rules may read per request.
+    pub fn request_headers(&self, names: &mut HeaderNames) {
+        for rule in &self.rules {
+            rule.matcher.add_headers(names);
+            rule.key.iter().for_each(|s| names.add_source(s));
+        }
+    }
+
     /// Shared-data slots the tables of every rule take (local buckets and
     /// remembered global answers): what `create_tables` writes.
     pub fn table_slots(&self) -> u64 {

@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use mesh_shared::host::{self, HostStore, Metric};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
+use mesh_shared::request::HeaderNames;
 use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MapType, MetricType};
@@ -229,6 +230,10 @@ impl Ratelimit {
 
 impl Policy for Ratelimit {
     type Stream = RatelimitStream;
+
+    fn request_headers(&self, names: &mut HeaderNames) {
+        self.limiter.config.request_headers(names);
+    }
 
     fn stream(self: &Rc<Self>, _ex: &mut Exchange) -> RatelimitStream {
         RatelimitStream {

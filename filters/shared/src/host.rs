@@ -174,7 +174,7 @@ impl Clock for HostClock {
 /// The current request, read lazily and cached: each header or attribute is
 /// fetched from Envoy at most once, and only if a rule asks for it. Headers
 /// come one call each, or all in one call on the first one asked for
-/// (`all_at_once`, see `part::HeaderPlan`).
+/// (`all_at_once`, chosen at configure time: `part::HeaderPlan`).
 #[derive(Default)]
 pub struct HostRequest {
     attributes: [Option<Option<Vec<u8>>>; 6],
@@ -183,8 +183,6 @@ pub struct HostRequest {
     all_at_once: bool,
     /// The whole request header map, once read (`all_at_once`).
     all: Option<Vec<u8>>,
-    /// Distinct headers asked of Envoy: (present, missing).
-    asked: (u32, u32),
 }
 
 impl HostRequest {
@@ -198,11 +196,6 @@ impl HostRequest {
             all_at_once,
             ..Self::default()
         }
-    }
-
-    /// The distinct request headers asked for so far: (present, missing).
-    pub fn headers_asked(&self) -> (u32, u32) {
-        self.asked
     }
 
     /// Sets (or with `None` removes) a request header; later reads see the
@@ -230,27 +223,23 @@ impl HostRequest {
 
     /// A header from Envoy (or from the whole map, once read).
     fn lookup(&mut self, name: &str) -> Option<Vec<u8>> {
-        let value = if self.all_at_once {
+        if self.all_at_once {
             let map = self
                 .all
                 .get_or_insert_with(|| request_headers().unwrap_or_default());
             crate::request::pair_value(map, name).map(<[u8]>::to_vec)
         } else {
             request_header(name)
-        };
-        match value {
-            Some(_) => self.asked.0 += 1,
-            None => self.asked.1 += 1,
         }
-        value
     }
 
     fn fetch(&mut self, attr: Attribute) -> Option<Vec<u8>> {
+        let header = attr.header_name().unwrap_or_default();
         match attr {
-            Attribute::Path => self.header(":path").map(|p| path_without_query(p).to_vec()),
-            Attribute::Method => self.header(":method").map(<[u8]>::to_vec),
+            Attribute::Path => self.header(header).map(|p| path_without_query(p).to_vec()),
+            Attribute::Method => self.header(header).map(<[u8]>::to_vec),
             Attribute::Host => self
-                .header(":authority")
+                .header(header)
                 .map(|a| host_without_port(a).to_ascii_lowercase()),
             Attribute::Route => property(&["xds", "route_name"]).filter(|r| !r.is_empty()),
             Attribute::Cluster => property(&["xds", "cluster_name"]).filter(|c| !c.is_empty()),

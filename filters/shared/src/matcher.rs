@@ -7,7 +7,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use crate::request::{Attribute, Request};
+use crate::request::{Attribute, HeaderNames, Request};
 use crate::spec::{checked_string, Checked, HeaderName, NonEmptyList, OneOrMany, Pairs};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -160,6 +160,22 @@ impl Matcher {
                 .into_iter()
                 .map(|(name, m)| (name.0, m.0))
                 .collect(),
+        }
+    }
+
+    /// Adds the request headers [`Matcher::matches`] may read.
+    pub fn add_headers(&self, names: &mut HeaderNames) {
+        if self.path_prefix.is_some() || self.path_exact.is_some() {
+            names.add_attribute(Attribute::Path);
+        }
+        if !self.methods.is_empty() {
+            names.add_attribute(Attribute::Method);
+        }
+        if self.host.is_some() {
+            names.add_attribute(Attribute::Host);
+        }
+        for (name, _) in &self.headers {
+            names.add(name);
         }
     }
 

@@ -10,7 +10,6 @@
 //! clock read once per callback, and what one part hands to the next in the
 //! same module (lb-hints' re-route and chosen cluster).
 
-use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use proxy_wasm::types::{Action, ContextType};
 use crate::clock::Clock;
 use crate::host::{self, HostClock, HostRequest};
 use crate::outcome::FailureWhen;
-use crate::request::{Attribute, Request};
+use crate::request::{Attribute, HeaderNames, Request};
 
 /// What a part did with the request headers (or an RLS answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,43 +33,36 @@ pub enum Flow {
     Paused,
 }
 
-/// How this worker's requests read their headers: one host call each, or
-/// one call for the whole map (`proxy_get_header_map_pairs`) on the first
-/// header asked for. Learnt from the previous request, which read the
-/// headers the configuration's rules ask for: all at once from the point
-/// where that is cheaper at the measured prices (BENCHMARKS.md, "Host calls
-/// cut"). Only the cost depends on it, never a value read.
-#[derive(Debug, Default)]
+/// How a module's requests read their headers: one host call each, or one
+/// call for the whole map (`proxy_get_header_map_pairs`) on the first header
+/// asked for. Chosen at configure time from the distinct request headers the
+/// configuration may read ([`Policy::request_headers`],
+/// [`HeaderNames::cheaper_in_one_call`]). Only the cost depends on it, never
+/// a value read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderPlan {
-    all_at_once: Cell<bool>,
+    all_at_once: bool,
 }
 
 impl HeaderPlan {
-    /// Envoy instructions per request header read alone, present and
-    /// missing, and for the whole map of a request like the bench's
-    /// (`request_header`, `request_header_missing`, `request_headers_all`
-    /// in BENCHMARKS.md).
-    const PRESENT: u32 = 11_150;
-    const MISSING: u32 = 2_500;
-    const ALL: u32 = 12_900;
-
-    pub fn new() -> Rc<HeaderPlan> {
-        Rc::new(HeaderPlan::default())
+    /// The plan for a configuration that may read these headers per request.
+    pub fn for_headers(names: &HeaderNames) -> HeaderPlan {
+        HeaderPlan {
+            all_at_once: names.cheaper_in_one_call(),
+        }
     }
 
-    /// A request read `present` and `missing` distinct headers.
-    fn learn(&self, (present, missing): (u32, u32)) {
-        let one_by_one = present
-            .saturating_mul(Self::PRESENT)
-            .saturating_add(missing.saturating_mul(Self::MISSING));
-        self.all_at_once.set(one_by_one > Self::ALL);
+    /// The plan for `policy`'s configuration alone.
+    pub fn of<P: Policy>(policy: &P) -> HeaderPlan {
+        let mut names = HeaderNames::default();
+        policy.request_headers(&mut names);
+        HeaderPlan::for_headers(&names)
     }
 }
 
 /// One request as the parts of a module see it.
 pub struct Exchange {
     request: HostRequest,
-    plan: Rc<HeaderPlan>,
     /// Route metadata by filter name, read once each.
     metadata: Vec<(&'static str, Option<Vec<u8>>)>,
     /// The clock of the current callback.
@@ -85,19 +77,12 @@ pub struct Exchange {
     target_cluster: Option<String>,
 }
 
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        self.plan.learn(self.request.headers_asked());
-    }
-}
-
 impl Exchange {
     /// `others_may_reroute`: true unless every filter that may re-route this
-    /// request runs in this module. `plan`: the worker's, shared by its requests.
-    pub fn new(others_may_reroute: bool, plan: &Rc<HeaderPlan>) -> Exchange {
+    /// request runs in this module. `plan`: the configuration's.
+    pub fn new(others_may_reroute: bool, plan: HeaderPlan) -> Exchange {
         Exchange {
-            request: HostRequest::reading(plan.all_at_once.get()),
-            plan: Rc::clone(plan),
+            request: HostRequest::reading(plan.all_at_once),
             metadata: Vec::new(),
             now: None,
             response_code: None,
@@ -242,6 +227,8 @@ pub trait Policy: 'static {
     type Stream: Part + 'static;
     /// The per-request state of a new stream (its context is created).
     fn stream(self: &Rc<Self>, ex: &mut Exchange) -> Self::Stream;
+    /// Adds the request headers the configuration may read per request.
+    fn request_headers(&self, names: &mut HeaderNames);
     /// How often [`Policy::tick`] should run, if at all.
     fn tick_period(&self) -> Option<Duration> {
         None
@@ -255,7 +242,7 @@ pub struct Alone<P: Policy> {
     context_id: u32,
     configure: fn(u32) -> Option<P>,
     policy: Option<Rc<P>>,
-    plan: Rc<HeaderPlan>,
+    plan: HeaderPlan,
 }
 
 impl<P: Policy> Alone<P> {
@@ -264,7 +251,7 @@ impl<P: Policy> Alone<P> {
             context_id,
             configure,
             policy: None,
-            plan: HeaderPlan::new(),
+            plan: HeaderPlan::default(),
         })
     }
 }
@@ -279,6 +266,7 @@ impl<P: Policy> RootContext for Alone<P> {
         if let Some(period) = policy.tick_period() {
             self.set_tick_period(period);
         }
+        self.plan = HeaderPlan::of(&policy);
         self.policy = Some(Rc::new(policy));
         true
     }
@@ -291,7 +279,7 @@ impl<P: Policy> RootContext for Alone<P> {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.as_ref()?;
-        let mut ex = Exchange::new(true, &self.plan);
+        let mut ex = Exchange::new(true, self.plan);
         let part = policy.stream(&mut ex);
         Some(Box::new(AloneStream { ex, part }))
     }

@@ -14,13 +14,14 @@ use proxy_wasm::types::{Action, ContextType};
 use ratelimit::part::{Ratelimit, RatelimitStream};
 
 use crate::Config;
+use mesh_shared::request::HeaderNames;
 
 const MODULE: &str = "suite";
 
 proxy_wasm::main! {{
     host::init_logging(MODULE);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, parts: None, plan: HeaderPlan::new() })
+        Box::new(Root { context_id, parts: None, plan: HeaderPlan::default() })
     });
 }}
 
@@ -35,7 +36,7 @@ struct Parts {
 struct Root {
     context_id: u32,
     parts: Option<Parts>,
-    plan: Rc<HeaderPlan>,
+    plan: HeaderPlan,
 }
 
 impl Context for Root {}
@@ -47,6 +48,10 @@ impl RootContext for Root {
         }) else {
             return false;
         };
+        // One plan for all parts: a header two parts read is read once.
+        let mut names = HeaderNames::default();
+        config.request_headers(&mut names);
+        self.plan = HeaderPlan::for_headers(&names);
         let parts = Parts {
             metrics: config.metrics.map(|c| Rc::new(Metrics::new(c, &scope))),
             ratelimit: config.ratelimit.map(|c| Rc::new(Ratelimit::new(c))),
@@ -71,7 +76,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let parts = self.parts.as_ref()?;
         // Only the suite's lb-hints re-routes (docs/suite.md).
-        let mut ex = Exchange::new(false, &self.plan);
+        let mut ex = Exchange::new(false, self.plan);
         Some(Box::new(Stream {
             metrics: parts.metrics.as_ref().map(|p| p.stream(&mut ex)),
             ratelimit: parts.ratelimit.as_ref().map(|p| p.stream(&mut ex)),

@@ -7,6 +7,7 @@
 //! ([`Config`], plain Rust) and runs the filters' parts (`filter.rs`, wasm32
 //! only); the policies are the filters' own crates.
 
+use mesh_shared::request::HeaderNames;
 use mesh_shared::{spec, ConfigError};
 use serde::Deserialize;
 
@@ -49,6 +50,23 @@ impl Config {
     /// instance in every part's shared-data keys, as in the filters' own.
     pub fn parse(bytes: &[u8], scope: &str) -> Result<Config, ConfigError> {
         Config::compile(spec::parse(bytes)?, scope)
+    }
+
+    /// Adds the request headers the parts may read per request (a header
+    /// two parts read counts once: the suite reads it once).
+    pub fn request_headers(&self, names: &mut HeaderNames) {
+        if let Some(c) = &self.metrics {
+            c.labels.request_headers(names);
+        }
+        if let Some(c) = &self.ratelimit {
+            c.request_headers(names);
+        }
+        if let Some(c) = &self.lb_hints {
+            c.request_headers(names);
+        }
+        if let Some(c) = &self.circuit_breaker {
+            c.request_headers(names);
+        }
     }
 
     pub fn compile(spec: ConfigSpec, scope: &str) -> Result<Config, ConfigError> {

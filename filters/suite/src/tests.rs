@@ -109,3 +109,75 @@ fn an_unknown_part_is_refused() {
     assert!(e.starts_with("rate_limit: unknown field `rate_limit`, expected one of `metrics`, `ratelimit`, `lb_hints`, `circuit_breaker`"), "{e}");
     assert!(err(r#"["metrics"]"#).starts_with("configuration: expected a JSON object"));
 }
+
+/// The bench's configuration of each part (envoy/bench/suite.yaml).
+const BENCH: &str = r#"{
+  "metrics": {"labels": {"route": true, "method": true, "status_class": true,
+              "custom": [{"name": "tenant", "header": "x-tenant", "allowed": ["gold"]}]}},
+  "ratelimit": {"rules": [{"name": "per-api-key", "match": {"route": ["api", "api-v2"]},
+                 "key": [{"header": "x-api-key"}], "limit": {"requests": 1000, "per": "1s"}}]},
+  "lb_hints": {"rules": [{"name": "api-canary", "match": {"route": "api"}, "header": "x-mesh-target",
+                "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}],
+                "algorithm": "sticky", "sticky": {"header": "x-user-id"}}]},
+  "circuit_breaker": {"rules": [{"name": "api", "match": {"route": ["api", "api-v2"]}, "scope": "route",
+                       "window": {"kind": "count", "size": 20}}]}
+}"#;
+
+fn headers_of(config: &Config) -> HeaderNames {
+    let mut names = HeaderNames::default();
+    config.request_headers(&mut names);
+    names
+}
+
+#[test]
+fn the_header_plan_counts_each_header_a_part_may_read_once() {
+    let all = Config::parse(BENCH.as_bytes(), "suite").unwrap();
+    // :method and x-tenant (metrics), x-api-key (ratelimit), x-user-id (lb-hints);
+    // the routes, the routing header lb-hints writes and the breaker's route scope are no reads.
+    let names = headers_of(&all);
+    assert_eq!(names.len(), 4);
+    assert!(names.cheaper_in_one_call());
+    let alone = |part: &str| {
+        let mut c = all.clone();
+        if part != "metrics" {
+            c.metrics = None;
+        }
+        if part != "ratelimit" {
+            c.ratelimit = None;
+        }
+        if part != "lb_hints" {
+            c.lb_hints = None;
+        }
+        if part != "circuit_breaker" {
+            c.circuit_breaker = None;
+        }
+        headers_of(&c)
+    };
+    // One header: one call for it; two: one call for all.
+    assert_eq!(alone("ratelimit").len(), 1);
+    assert!(!alone("ratelimit").cheaper_in_one_call());
+    assert_eq!(alone("lb_hints").len(), 1);
+    assert_eq!(alone("metrics").len(), 2);
+    assert!(alone("metrics").cheaper_in_one_call());
+    assert!(alone("circuit_breaker").is_empty());
+    assert!(!alone("circuit_breaker").cheaper_in_one_call());
+}
+
+#[test]
+fn the_header_plan_sees_matchers_cookies_overrides_and_header_scopes() {
+    let c = Config::parse(
+        br#"{
+          "ratelimit": {"rules": [{"name": "a", "match": {"path_prefix": "/api", "headers": {"x-plan": "free"}},
+                         "key": ["client_ip", {"header": "x-plan"}], "limit": {"requests": 5, "per": "1s"}}]},
+          "lb_hints": {"rules": [{"name": "b", "header": "x-version", "algorithm": "sticky",
+                        "sticky": {"cookie": "session"}, "override": {"header": "x-force"},
+                        "targets": [{"name": "v1", "weight": 1}]}]},
+          "circuit_breaker": {"rules": [{"name": "c", "match": {"methods": ["GET"], "host": "a.example"},
+                               "scope": {"header": "x-tenant"}, "window": {"kind": "count", "size": 10}}]}
+        }"#,
+        "suite",
+    )
+    .unwrap();
+    // :path, x-plan (once), cookie, x-force, :method, :authority, x-tenant; client_ip is no header.
+    assert_eq!(headers_of(&c).len(), 7);
+}
