@@ -92,6 +92,15 @@ pub enum NoTarget {
 pub type Response = LocalResponse;
 
 impl Config {
+    /// Whether a pick depends on the time: a rule with `steps` or `analysis`,
+    /// or one that skips open circuits (their status expires). Else the
+    /// clock is not read (one host call less per request).
+    pub fn reads_clock(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.schedule.len() > 1 || r.analysis.is_some() || r.avoid_open_circuits)
+    }
+
     /// Adds the request headers the rules may read per request.
     pub fn request_headers(&self, names: &mut HeaderNames) {
         for rule in &self.rules {

@@ -75,6 +75,8 @@ pub struct LbHints {
     stats: Vec<RuleStats>,
     /// This worker's random stream (splitmix64 state).
     random: Cell<u64>,
+    /// Whether a pick needs the clock (`Config::reads_clock`).
+    reads_clock: bool,
 }
 
 impl LbHints {
@@ -130,6 +132,7 @@ impl LbHints {
         // so their random streams differ.
         let seed = hash64(&[&now.to_le_bytes(), &context_id.to_le_bytes()]);
         LbHints {
+            reads_clock: balancer.config.reads_clock(),
             balancer,
             stats,
             random: Cell::new(seed),
@@ -231,7 +234,8 @@ impl Part for LbHintsStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let state = Rc::clone(&self.state);
         let balancer = &state.balancer;
-        let now = ex.now();
+        // 0 when no rule depends on the time (`Config::reads_clock`).
+        let now = if state.reads_clock { ex.now() } else { 0 };
         let (pick, analysed, change) =
             balancer.pick_judged(ex, &HostStore, now, state.next_random());
         let rule_of = match pick {

@@ -444,3 +444,37 @@ fn setup_creates_every_key_before_traffic() {
         keys[0].ends_with("inflight") && keys[1].ends_with("start") && keys[2].ends_with("seq")
     );
 }
+
+/// A configuration that `reads_clock` says is time-free picks the same
+/// whatever the clock says: the module then passes 0 and skips the host call.
+#[test]
+fn a_pick_depends_on_the_clock_only_when_reads_clock_says_so() {
+    let free = [
+        format!(r#"{CANARY}, "algorithm": "sticky", "sticky": {{"header": "x-user-id"}}}}"#),
+        format!(r#"{CANARY}, "algorithm": "weighted_round_robin"}}"#),
+        format!(r#"{CANARY}, "steps": [{{"after": "0s", "weights": {{"v2": 50}}}}]}}"#),
+    ];
+    for rule in &free {
+        let (early, late) = (MemoryStore::new(), MemoryStore::new());
+        let (a, b) = (balancer(rule, &early, 0), balancer(rule, &late, 0));
+        assert!(!a.config.reads_clock(), "{rule}");
+        let mut rng = Rng(3);
+        for i in 0..200 {
+            let random = rng.next();
+            let req = || FakeRequest::new().with_header("x-user-id", format!("u{i}"));
+            let at_zero = target_of(a.pick(&mut req(), &early, 0, random));
+            let at_a_day = target_of(b.pick(&mut req(), &late, 86_400 * SECOND, random));
+            assert_eq!(at_zero, at_a_day, "{rule}, request {i}");
+        }
+    }
+    let timed = [
+        format!(r#"{CANARY}, "steps": [{{"after": "10s", "weights": {{"v2": 50}}}}]}}"#),
+        format!(r#"{CANARY}, "avoid_open_circuits": true}}"#),
+    ];
+    for rule in &timed {
+        assert!(
+            balancer(rule, &MemoryStore::new(), 0).config.reads_clock(),
+            "{rule}"
+        );
+    }
+}

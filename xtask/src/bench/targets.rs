@@ -52,7 +52,7 @@ pub(crate) const FILTER_HOSTCALLS: &[(&str, &[HostCall])] = &[
         &[
             ("route_name", 1, "the rule matches a route"),
             ("request_header", 1, "`x-user-id`, the sticky key"),
-            ("current_time", 1, "clock"),
+            // No clock: no steps, analysis or `avoid_open_circuits` (`Config::reads_clock`).
             ("set_request_header", 1, "`x-mesh-target`"),
             ("clear_route_cache", 1, "re-route on the header"),
             ("counter_increment", 1, "`mesh_lb_picks_total`"),
