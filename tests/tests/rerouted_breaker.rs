@@ -26,6 +26,9 @@ const BREAKER: &str = r#"{"rules": [{"name": "per-route", "scope": "route",
     "window": {"kind": "count", "size": 10}, "minimum_calls": 10, "failure_rate_percent": 50,
     "open_for": "1h"}]}"#;
 
+const CORS: &str = r#"{"name": "envoy.filters.http.cors", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}"#;
+
 const USERS: usize = 40;
 
 fn user(i: usize) -> String {
@@ -53,9 +56,15 @@ fn mesh_stats(envoy: &Envoy) -> String {
 both_forms!(a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it);
 fn a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
+    let lb_hints = Bootstrap::in_form(form).wasm(WasmFilter::new("lb-hints", LB_HINTS));
+    // A chain needs a native filter that asks for the route between lb-hints
+    // and the breaker (docs/circuit-breaker.md); the suite learns the route.
+    let lb_hints = match form {
+        Form::Chain => lb_hints.filter_json(CORS),
+        Form::Suite => lb_hints,
+    };
     let envoy = Envoy::start(
-        &Bootstrap::in_form(form)
-            .wasm(WasmFilter::new("lb-hints", LB_HINTS))
+        &lb_hints
             .wasm(WasmFilter::new("circuit-breaker", BREAKER))
             .header_route("api-v2", "/", "x-mesh-target", "v2", "v2")
             .route("api", "/", "v1")
@@ -152,9 +161,16 @@ fn a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it(form: For
         v2_calls as f64,
         "{stats}"
     );
+    // The suite does not count the first call of each re-route on a worker
+    // (all calls here come on one connection, so one worker): it learns
+    // from it the route that serves the re-route.
+    let unlearnt = match form {
+        Form::Chain => 0,
+        Form::Suite => 2,
+    };
     assert_eq!(
         stat("mesh_circuit_calls_total", Some("success")),
-        (USERS + v1_calls) as f64,
+        (USERS + v1_calls - unlearnt) as f64,
         "{stats}"
     );
 }

@@ -2,18 +2,23 @@
 //! policy compiles the configuration once, the stream asks the core, answers
 //! locally while a breaker is open, and reports each call's outcome. Run alone
 //! by this crate's module (`filter.rs`) and by the suite, where lb-hints'
-//! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read).
+//! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read)
+//! and the route it re-routes to is learnt from the calls it served.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use mesh_shared::clock::Clock;
+use mesh_shared::hash::KeyHasher;
 use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
 use mesh_shared::request::{Attribute, HeaderNames, Request};
 use mesh_shared::stats::stat_name;
 
-use crate::{Call, Change, CircuitBreaker, Config, Response, Slot, Summary, Transition, Verdict};
+use crate::{
+    Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Transition, Verdict,
+};
 
 pub const FILTER: &str = "circuit-breaker";
 
@@ -51,7 +56,15 @@ impl RuleStats {
 pub struct Breaker {
     breaker: CircuitBreaker,
     stats: Vec<RuleStats>,
+    routes: LearntRoutes,
 }
+
+/// This worker's re-routes seen served: (hash of the route before and the
+/// target's cluster, the route that served the call).
+type LearntRoutes = RefCell<Vec<(u64, Option<Vec<u8>>)>>;
+
+/// How many re-routes a worker remembers (the oldest goes first).
+const LEARNT_ROUTES: usize = 64;
 
 impl Breaker {
     /// Books a state change: summary, published cluster status, stats.
@@ -87,7 +100,11 @@ impl Breaker {
             .iter()
             .map(|r| RuleStats::define(&r.name))
             .collect();
-        let state = Breaker { breaker, stats };
+        let state = Breaker {
+            breaker,
+            stats,
+            routes: RefCell::default(),
+        };
         state.show_all();
         log::info!(
             "{FILTER}: configured {} rule(s)",
@@ -110,6 +127,7 @@ impl Policy for Breaker {
             call: None,
             deferred: None,
             replied: false,
+            guess: None,
         }
     }
 
@@ -133,22 +151,48 @@ pub struct BreakerStream {
     deferred: Option<(usize, u64)>,
     /// We answered locally; Envoy still runs our response callbacks for it.
     replied: bool,
+    /// A re-routed request whose route a rule asked for: the re-route's
+    /// key and the route it was decided on (see [`Rerouted`]).
+    guess: Option<(u64, Option<Vec<u8>>)>,
 }
 
-/// The request with the cluster lb-hints chose as its `cluster` attribute.
-struct WithCluster<'a> {
+/// A request the suite's lb-hints re-routed, as Envoy will route it: the
+/// chosen target's cluster, and the route this worker saw serve the same
+/// re-route (the same route before it and the same cluster) last time, or
+/// none while it has seen none. (Until the request phase ends, Envoy
+/// still answers the route before the re-route, docs/suite.md.)
+struct Rerouted<'a> {
     request: &'a mut Exchange,
-    cluster: &'a [u8],
+    routes: &'a LearntRoutes,
+    guess: Option<(u64, Option<Vec<u8>>)>,
 }
 
-impl Request for WithCluster<'_> {
+impl Rerouted<'_> {
+    fn cluster(&self) -> Option<&[u8]> {
+        self.request.target_cluster().map(str::as_bytes)
+    }
+}
+
+impl Request for Rerouted<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         self.request.header(name)
     }
 
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
         match attr {
-            Attribute::Cluster => Some(self.cluster),
+            Attribute::Cluster if self.cluster().is_some() => self.cluster(),
+            Attribute::Route => {
+                if self.guess.is_none() {
+                    let mut key = KeyHasher::new();
+                    key.part(self.request.attribute(Attribute::Route).unwrap_or_default());
+                    key.part(self.cluster().unwrap_or_default());
+                    let key = key.finish();
+                    let routes = self.routes.borrow();
+                    let learnt = routes.iter().find(|(k, _)| *k == key);
+                    self.guess = Some((key, learnt.and_then(|(_, r)| r.clone())));
+                }
+                self.guess.as_ref()?.1.as_deref()
+            }
             _ => self.request.attribute(attr),
         }
     }
@@ -159,7 +203,38 @@ impl Request for WithCluster<'_> {
 }
 
 impl BreakerStream {
+    /// Learns the route that served a re-routed request a rule asked the
+    /// route of. A call decided on another route (the first of its re-route
+    /// on this worker, or after the route table changed) is not counted: it
+    /// is taken back from the breaker that let it through.
+    fn learn(&mut self, ex: &mut Exchange) {
+        let Some((key, guessed)) = self.guess.take() else {
+            return;
+        };
+        ex.refresh_route();
+        let served = ex.attribute(Attribute::Route).map(<[u8]>::to_vec);
+        if served != guessed {
+            self.deferred = None;
+            if let Some(call) = self.call.take() {
+                let state = &self.state;
+                let change = state
+                    .breaker
+                    .finish(&HostStore, &call, Outcome::Ignored, ex.now());
+                if let Some(change) = change {
+                    state.report(&change);
+                }
+            }
+        }
+        let mut routes = self.state.routes.borrow_mut();
+        routes.retain(|(k, _)| *k != key);
+        if routes.len() >= LEARNT_ROUTES {
+            routes.remove(0);
+        }
+        routes.push((key, served));
+    }
+
     fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
+        self.learn(ex);
         let (rule, started) = match (&self.call, self.deferred) {
             (Some(call), _) => (call.rule, call.started),
             (None, Some(deferred)) => deferred,
@@ -230,17 +305,18 @@ impl Part for BreakerStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let state = &self.state;
         let now = ex.now();
-        let verdict = match ex.target_cluster().map(str::to_string) {
-            // The suite's lb-hints chose the target: its cluster is the scope.
-            Some(cluster) => state.breaker.check(
-                &mut WithCluster {
-                    request: ex,
-                    cluster: cluster.as_bytes(),
-                },
-                &HostStore,
-                now,
-            ),
-            None => state.breaker.check(ex, &HostStore, now),
+        let verdict = if ex.route_version() == 0 {
+            state.breaker.check(ex, &HostStore, now)
+        } else {
+            // The suite's lb-hints re-routed the request.
+            let mut request = Rerouted {
+                request: ex,
+                routes: &state.routes,
+                guess: None,
+            };
+            let verdict = state.breaker.check(&mut request, &HostStore, now);
+            self.guess = request.guess;
+            verdict
         };
         if let Some(change) = verdict.change() {
             state.report(change);
