@@ -16,9 +16,7 @@ use mesh_shared::part::{Exchange, Flow, Part, Policy};
 use mesh_shared::request::{Attribute, HeaderNames, Request};
 use mesh_shared::stats::stat_name;
 
-use crate::{
-    Call, Change, CircuitBreaker, Config, Outcome, Response, Slot, Summary, Transition, Verdict,
-};
+use crate::{Call, Change, CircuitBreaker, Config, Response, Slot, Summary, Transition, Verdict};
 
 pub const FILTER: &str = "circuit-breaker";
 
@@ -63,7 +61,7 @@ pub struct Breaker {
 /// target's cluster, the route that served the call).
 type LearntRoutes = RefCell<Vec<(u64, Option<Vec<u8>>)>>;
 
-/// How many re-routes a worker remembers (the oldest goes first).
+/// How many re-routes a worker remembers.
 const LEARNT_ROUTES: usize = 64;
 
 impl Breaker {
@@ -156,6 +154,28 @@ pub struct BreakerStream {
     guess: Option<(u64, Option<Vec<u8>>)>,
 }
 
+/// The route learnt for a re-route, if any.
+fn learnt(routes: &LearntRoutes, key: u64) -> Option<Vec<u8>> {
+    let routes = routes.try_borrow().ok()?;
+    let (_, route) = routes.iter().find(|(k, _)| *k == key)?;
+    route.as_deref().map(<[u8]>::to_vec)
+}
+
+/// Learns the route that served a re-route.
+fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) {
+    let Ok(mut routes) = routes.try_borrow_mut() else {
+        return;
+    };
+    if let Some(entry) = routes.iter_mut().find(|(k, _)| *k == key) {
+        entry.1 = served;
+    } else if routes.len() < LEARNT_ROUTES {
+        routes.push((key, served));
+    } else if let Some(entry) = routes.get_mut(key as usize % LEARNT_ROUTES) {
+        // Full: the slot of the key's hash.
+        *entry = (key, served);
+    }
+}
+
 /// A request the suite's lb-hints re-routed, as Envoy will route it: the
 /// chosen target's cluster, and the route this worker saw serve the same
 /// re-route (the same route before it and the same cluster) last time, or
@@ -167,29 +187,22 @@ struct Rerouted<'a> {
     guess: Option<(u64, Option<Vec<u8>>)>,
 }
 
-impl Rerouted<'_> {
-    fn cluster(&self) -> Option<&[u8]> {
-        self.request.target_cluster().map(str::as_bytes)
-    }
-}
-
 impl Request for Rerouted<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         self.request.header(name)
     }
 
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
+        let cluster = self.request.target_cluster().is_some();
         match attr {
-            Attribute::Cluster if self.cluster().is_some() => self.cluster(),
+            Attribute::Cluster if cluster => self.request.target_cluster().map(str::as_bytes),
             Attribute::Route => {
                 if self.guess.is_none() {
                     let mut key = KeyHasher::new();
+                    key.part(self.request.target_cluster().unwrap_or_default().as_bytes());
                     key.part(self.request.attribute(Attribute::Route).unwrap_or_default());
-                    key.part(self.cluster().unwrap_or_default());
                     let key = key.finish();
-                    let routes = self.routes.borrow();
-                    let learnt = routes.iter().find(|(k, _)| *k == key);
-                    self.guess = Some((key, learnt.and_then(|(_, r)| r.clone())));
+                    self.guess = Some((key, learnt(self.routes, key)));
                 }
                 self.guess.as_ref()?.1.as_deref()
             }
@@ -204,37 +217,22 @@ impl Request for Rerouted<'_> {
 
 impl BreakerStream {
     /// Learns the route that served a re-routed request a rule asked the
-    /// route of. A call decided on another route (the first of its re-route
-    /// on this worker, or after the route table changed) is not counted: it
-    /// is taken back from the breaker that let it through.
-    fn learn(&mut self, ex: &mut Exchange) {
+    /// route of. Whether the call was decided on that route: if not (the
+    /// first of its re-route on this worker, or the route table changed),
+    /// it is not counted.
+    fn learn(&mut self, ex: &mut Exchange) -> bool {
         let Some((key, guessed)) = self.guess.take() else {
-            return;
+            return true;
         };
         ex.refresh_route();
         let served = ex.attribute(Attribute::Route).map(<[u8]>::to_vec);
-        if served != guessed {
-            self.deferred = None;
-            if let Some(call) = self.call.take() {
-                let state = &self.state;
-                let change = state
-                    .breaker
-                    .finish(&HostStore, &call, Outcome::Ignored, ex.now());
-                if let Some(change) = change {
-                    state.report(&change);
-                }
-            }
-        }
-        let mut routes = self.state.routes.borrow_mut();
-        routes.retain(|(k, _)| *k != key);
-        if routes.len() >= LEARNT_ROUTES {
-            routes.remove(0);
-        }
-        routes.push((key, served));
+        let decided_on_it = served == guessed;
+        remember(&self.state.routes, key, served);
+        decided_on_it
     }
 
     fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
-        self.learn(ex);
+        let counted = self.learn(ex);
         let (rule, started) = match (&self.call, self.deferred) {
             (Some(call), _) => (call.rule, call.started),
             (None, Some(deferred)) => deferred,
@@ -248,10 +246,18 @@ impl BreakerStream {
             None => None,
         };
         let details = read.as_ref().and_then(|d| d.as_deref());
-        let response = Response {
-            code: ex.response_code(),
-            details,
-            duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
+        let response = match counted {
+            true => Response {
+                code: ex.response_code(),
+                details,
+                duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
+            },
+            // An answer the breaker ignores: the call is taken back.
+            false => Response {
+                code: None,
+                details: Some(b"mesh_not_decided_on_its_route"),
+                duration_nanos: None,
+            },
         };
         let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
             (Some(call), _) => {
