@@ -5,7 +5,7 @@
 //! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read)
 //! and the route it re-routes to is learnt from the calls it served.
 
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -150,30 +150,25 @@ pub struct BreakerStream {
     /// We answered locally; Envoy still runs our response callbacks for it.
     replied: bool,
     /// A re-routed request whose route a rule asked for: the re-route's
-    /// key and the route it was decided on (see [`Rerouted`]).
-    guess: Option<(u64, Option<Vec<u8>>)>,
+    /// key (see [`Rerouted`]).
+    guess: Option<u64>,
 }
 
-/// The route learnt for a re-route, if any.
-fn learnt(routes: &LearntRoutes, key: u64) -> Option<Vec<u8>> {
-    let routes = routes.try_borrow().ok()?;
-    let (_, route) = routes.iter().find(|(k, _)| *k == key)?;
-    route.as_deref().map(<[u8]>::to_vec)
-}
-
-/// Learns the route that served a re-route.
-fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) {
+/// Learns the route that served a re-route; whether it was the one
+/// learnt before.
+fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) -> bool {
     let Ok(mut routes) = routes.try_borrow_mut() else {
-        return;
+        return false;
     };
     if let Some(entry) = routes.iter_mut().find(|(k, _)| *k == key) {
+        let same = entry.1 == served;
         entry.1 = served;
-    } else if routes.len() < LEARNT_ROUTES {
-        routes.push((key, served));
-    } else if let Some(entry) = routes.get_mut(key as usize % LEARNT_ROUTES) {
-        // Full: the slot of the key's hash.
-        *entry = (key, served);
+        return same;
     }
+    if routes.len() < LEARNT_ROUTES {
+        routes.push((key, served));
+    }
+    false
 }
 
 /// A request the suite's lb-hints re-routed, as Envoy will route it: the
@@ -183,8 +178,9 @@ fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) {
 /// still answers the route before the re-route, docs/suite.md.)
 struct Rerouted<'a> {
     request: &'a mut Exchange,
-    routes: &'a LearntRoutes,
-    guess: Option<(u64, Option<Vec<u8>>)>,
+    routes: Option<Ref<'a, Vec<(u64, Option<Vec<u8>>)>>>,
+    /// The re-route's key, once a rule asked for the route.
+    key: Option<u64>,
 }
 
 impl Request for Rerouted<'_> {
@@ -196,15 +192,16 @@ impl Request for Rerouted<'_> {
         let cluster = self.request.target_cluster().is_some();
         match attr {
             Attribute::Cluster if cluster => self.request.target_cluster().map(str::as_bytes),
-            Attribute::Route => {
-                if self.guess.is_none() {
+            Attribute::Route if self.routes.is_some() => {
+                if self.key.is_none() {
                     let mut key = KeyHasher::new();
                     key.part(self.request.target_cluster().unwrap_or_default().as_bytes());
                     key.part(self.request.attribute(Attribute::Route).unwrap_or_default());
-                    let key = key.finish();
-                    self.guess = Some((key, learnt(self.routes, key)));
+                    self.key = Some(key.finish());
                 }
-                self.guess.as_ref()?.1.as_deref()
+                let key = self.key?;
+                let (_, route) = self.routes.as_ref()?.iter().find(|(k, _)| *k == key)?;
+                route.as_deref()
             }
             _ => self.request.attribute(attr),
         }
@@ -221,19 +218,18 @@ impl BreakerStream {
     /// first of its re-route on this worker, or the route table changed),
     /// it is not counted.
     fn learn(&mut self, ex: &mut Exchange) -> bool {
-        let Some((key, guessed)) = self.guess.take() else {
+        let Some(key) = self.guess.take() else {
             return true;
         };
         ex.refresh_route();
         let served = ex.attribute(Attribute::Route).map(<[u8]>::to_vec);
-        let decided_on_it = served == guessed;
-        remember(&self.state.routes, key, served);
-        decided_on_it
+        remember(&self.state.routes, key, served)
     }
 
     fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
         let counted = self.learn(ex);
-        let (rule, started) = match (&self.call, self.deferred) {
+        let call = self.call.take();
+        let (rule, started) = match (&call, self.deferred.take()) {
             (Some(call), _) => (call.rule, call.started),
             (None, Some(deferred)) => deferred,
             (None, None) => return,
@@ -255,31 +251,27 @@ impl BreakerStream {
             // An answer the breaker ignores: the call is taken back.
             false => Response {
                 code: None,
-                details: Some(b"mesh_not_decided_on_its_route"),
+                details: Some(b"mesh_rerouted"),
                 duration_nanos: None,
             },
         };
-        let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
-            (Some(call), _) => {
+        let (outcome, changes) = match &call {
+            Some(call) => {
                 // Only a cluster breaker needs to know who served the call.
                 let served_by = call.cluster.as_ref().and_then(|_| ex.served_cluster());
-                let (outcome, changes) =
-                    state
-                        .breaker
-                        .complete(&HostStore, &call, served_by.as_deref(), response, now);
-                (call.rule, outcome, changes)
+                state
+                    .breaker
+                    .complete(&HostStore, call, served_by.as_deref(), response, now)
             }
-            (None, Some((rule, _))) => {
-                // The router has chosen the cluster by now.
+            // A deferred call: the router has chosen the cluster by now.
+            None => {
                 let Some(cluster) = ex.served_cluster() else {
                     return;
                 };
-                let (outcome, changes) = state
+                state
                     .breaker
-                    .settle(&HostStore, rule, &cluster, started, response, now);
-                (rule, outcome, changes)
+                    .settle(&HostStore, rule, &cluster, started, response, now)
             }
-            (None, None) => return,
         };
         if read.is_some()
             && details != Some(&b"via_upstream"[..])
@@ -311,19 +303,16 @@ impl Part for BreakerStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let state = &self.state;
         let now = ex.now();
-        let verdict = if ex.route_version() == 0 {
-            state.breaker.check(ex, &HostStore, now)
-        } else {
-            // The suite's lb-hints re-routed the request.
-            let mut request = Rerouted {
-                request: ex,
-                routes: &state.routes,
-                guess: None,
-            };
-            let verdict = state.breaker.check(&mut request, &HostStore, now);
-            self.guess = request.guess;
-            verdict
+        // After a re-route by the suite's lb-hints the rules see the route it leads to.
+        let mut request = Rerouted {
+            routes: (ex.route_version() != 0)
+                .then(|| state.routes.try_borrow().ok())
+                .flatten(),
+            request: ex,
+            key: None,
         };
+        let verdict = state.breaker.check(&mut request, &HostStore, now);
+        self.guess = request.key;
         if let Some(change) = verdict.change() {
             state.report(change);
         }

@@ -99,14 +99,12 @@ impl Config {
 /// Not inlined: one copy for the four parts (the suite's size budget).
 #[inline(never)]
 fn within(part: &str, e: ConfigError) -> ConfigError {
-    let path = if e.path.is_empty() {
-        part.to_string()
-    } else if e.path.starts_with('[') {
-        format!("{part}{}", e.path)
+    let dot = if e.path.is_empty() || e.path.starts_with('[') {
+        ""
     } else {
-        format!("{part}.{}", e.path)
+        "."
     };
-    ConfigError::at(path, e.message)
+    ConfigError::at(format!("{part}{dot}{}", e.path), e.message)
 }
 
 #[cfg(test)]
