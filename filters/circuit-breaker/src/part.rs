@@ -59,7 +59,8 @@ pub struct Breaker {
 
 /// This worker's re-routes seen served: (hash of the route before and the
 /// target's cluster, the route that served the call).
-type LearntRoutes = RefCell<Vec<(u64, Option<Vec<u8>>)>>;
+type LearntRoutes = RefCell<Vec<LearntRoute>>;
+type LearntRoute = (u64, Option<Vec<u8>>);
 
 /// How many re-routes a worker remembers.
 const LEARNT_ROUTES: usize = 64;
@@ -178,7 +179,7 @@ fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) -> bool {
 /// still answers the route before the re-route, docs/suite.md.)
 struct Rerouted<'a> {
     request: &'a mut Exchange,
-    routes: Option<Ref<'a, Vec<(u64, Option<Vec<u8>>)>>>,
+    routes: Option<Ref<'a, Vec<LearntRoute>>>,
     /// The re-route's key, once a rule asked for the route.
     key: Option<u64>,
 }
