@@ -2,12 +2,15 @@
 //! policy compiles the configuration once, the stream asks the core, answers
 //! locally while a breaker is open, and reports each call's outcome. Run alone
 //! by this crate's module (`filter.rs`) and by the suite, where lb-hints'
-//! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read).
+//! chosen cluster is the `scope: "cluster"` value (no `xds.cluster_name` read)
+//! and the route it re-routes to is learnt from the calls it served.
 
+use std::cell::{Ref, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
 use mesh_shared::clock::Clock;
+use mesh_shared::hash::KeyHasher;
 use mesh_shared::host::{self, HostClock, HostStore, Metric, OutcomeCounters};
 use mesh_shared::part::{Exchange, Flow, Part, Policy};
 use mesh_shared::request::{Attribute, HeaderNames, Request};
@@ -51,7 +54,16 @@ impl RuleStats {
 pub struct Breaker {
     breaker: CircuitBreaker,
     stats: Vec<RuleStats>,
+    routes: LearntRoutes,
 }
+
+/// This worker's re-routes seen served: (hash of the route before and the
+/// target's cluster, the route that served the call).
+type LearntRoutes = RefCell<Vec<LearntRoute>>;
+type LearntRoute = (u64, Option<Vec<u8>>);
+
+/// How many re-routes a worker remembers.
+const LEARNT_ROUTES: usize = 64;
 
 impl Breaker {
     /// Books a state change: summary, published cluster status, stats.
@@ -87,7 +99,11 @@ impl Breaker {
             .iter()
             .map(|r| RuleStats::define(&r.name))
             .collect();
-        let state = Breaker { breaker, stats };
+        let state = Breaker {
+            breaker,
+            stats,
+            routes: RefCell::default(),
+        };
         state.show_all();
         log::info!(
             "{FILTER}: configured {} rule(s)",
@@ -110,6 +126,7 @@ impl Policy for Breaker {
             call: None,
             deferred: None,
             replied: false,
+            guess: None,
         }
     }
 
@@ -133,22 +150,60 @@ pub struct BreakerStream {
     deferred: Option<(usize, u64)>,
     /// We answered locally; Envoy still runs our response callbacks for it.
     replied: bool,
+    /// A re-routed request whose route a rule asked for: the re-route's
+    /// key (see [`Rerouted`]).
+    guess: Option<u64>,
 }
 
-/// The request with the cluster lb-hints chose as its `cluster` attribute.
-struct WithCluster<'a> {
+/// Learns the route that served a re-route; whether it was the one
+/// learnt before.
+fn remember(routes: &LearntRoutes, key: u64, served: Option<Vec<u8>>) -> bool {
+    let Ok(mut routes) = routes.try_borrow_mut() else {
+        return false;
+    };
+    if let Some(entry) = routes.iter_mut().find(|(k, _)| *k == key) {
+        let same = entry.1 == served;
+        entry.1 = served;
+        return same;
+    }
+    if routes.len() < LEARNT_ROUTES {
+        routes.push((key, served));
+    }
+    false
+}
+
+/// A request the suite's lb-hints re-routed, as Envoy will route it: the
+/// chosen target's cluster, and the route this worker saw serve the same
+/// re-route (the same route before it and the same cluster) last time, or
+/// none while it has seen none. (Until the request phase ends, Envoy
+/// still answers the route before the re-route, docs/suite.md.)
+struct Rerouted<'a> {
     request: &'a mut Exchange,
-    cluster: &'a [u8],
+    routes: Option<Ref<'a, Vec<LearntRoute>>>,
+    /// The re-route's key, once a rule asked for the route.
+    key: Option<u64>,
 }
 
-impl Request for WithCluster<'_> {
+impl Request for Rerouted<'_> {
     fn header(&mut self, name: &str) -> Option<&[u8]> {
         self.request.header(name)
     }
 
     fn attribute(&mut self, attr: Attribute) -> Option<&[u8]> {
+        let cluster = self.request.target_cluster().is_some();
         match attr {
-            Attribute::Cluster => Some(self.cluster),
+            Attribute::Cluster if cluster => self.request.target_cluster().map(str::as_bytes),
+            Attribute::Route if self.routes.is_some() => {
+                if self.key.is_none() {
+                    let mut key = KeyHasher::new();
+                    key.part(self.request.target_cluster().unwrap_or_default().as_bytes());
+                    key.part(self.request.attribute(Attribute::Route).unwrap_or_default());
+                    self.key = Some(key.finish());
+                }
+                let key = self.key?;
+                let (_, route) = self.routes.as_ref()?.iter().find(|(k, _)| *k == key)?;
+                route.as_deref()
+            }
             _ => self.request.attribute(attr),
         }
     }
@@ -159,8 +214,23 @@ impl Request for WithCluster<'_> {
 }
 
 impl BreakerStream {
+    /// Learns the route that served a re-routed request a rule asked the
+    /// route of. Whether the call was decided on that route: if not (the
+    /// first of its re-route on this worker, or the route table changed),
+    /// it is not counted.
+    fn learn(&mut self, ex: &mut Exchange) -> bool {
+        let Some(key) = self.guess.take() else {
+            return true;
+        };
+        ex.refresh_route();
+        let served = ex.attribute(Attribute::Route).map(<[u8]>::to_vec);
+        remember(&self.state.routes, key, served)
+    }
+
     fn finish(&mut self, ex: &mut Exchange, response_headers_seen: bool) {
-        let (rule, started) = match (&self.call, self.deferred) {
+        let counted = self.learn(ex);
+        let call = self.call.take();
+        let (rule, started) = match (&call, self.deferred.take()) {
             (Some(call), _) => (call.rule, call.started),
             (None, Some(deferred)) => deferred,
             (None, None) => return,
@@ -173,32 +243,36 @@ impl BreakerStream {
             None => None,
         };
         let details = read.as_ref().and_then(|d| d.as_deref());
-        let response = Response {
-            code: ex.response_code(),
-            details,
-            duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
+        let response = match counted {
+            true => Response {
+                code: ex.response_code(),
+                details,
+                duration_nanos: response_headers_seen.then(|| now.saturating_sub(started)),
+            },
+            // An answer the breaker ignores: the call is taken back.
+            false => Response {
+                code: None,
+                details: Some(b"mesh_rerouted"),
+                duration_nanos: None,
+            },
         };
-        let (rule, outcome, changes) = match (self.call.take(), self.deferred.take()) {
-            (Some(call), _) => {
+        let (outcome, changes) = match &call {
+            Some(call) => {
                 // Only a cluster breaker needs to know who served the call.
                 let served_by = call.cluster.as_ref().and_then(|_| ex.served_cluster());
-                let (outcome, changes) =
-                    state
-                        .breaker
-                        .complete(&HostStore, &call, served_by.as_deref(), response, now);
-                (call.rule, outcome, changes)
+                state
+                    .breaker
+                    .complete(&HostStore, call, served_by.as_deref(), response, now)
             }
-            (None, Some((rule, _))) => {
-                // The router has chosen the cluster by now.
+            // A deferred call: the router has chosen the cluster by now.
+            None => {
                 let Some(cluster) = ex.served_cluster() else {
                     return;
                 };
-                let (outcome, changes) = state
+                state
                     .breaker
-                    .settle(&HostStore, rule, &cluster, started, response, now);
-                (rule, outcome, changes)
+                    .settle(&HostStore, rule, &cluster, started, response, now)
             }
-            (None, None) => return,
         };
         if read.is_some()
             && details != Some(&b"via_upstream"[..])
@@ -230,18 +304,16 @@ impl Part for BreakerStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let state = &self.state;
         let now = ex.now();
-        let verdict = match ex.target_cluster().map(str::to_string) {
-            // The suite's lb-hints chose the target: its cluster is the scope.
-            Some(cluster) => state.breaker.check(
-                &mut WithCluster {
-                    request: ex,
-                    cluster: cluster.as_bytes(),
-                },
-                &HostStore,
-                now,
-            ),
-            None => state.breaker.check(ex, &HostStore, now),
+        // After a re-route by the suite's lb-hints the rules see the route it leads to.
+        let mut request = Rerouted {
+            routes: (ex.route_version() != 0)
+                .then(|| state.routes.try_borrow().ok())
+                .flatten(),
+            request: ex,
+            key: None,
         };
+        let verdict = state.breaker.check(&mut request, &HostStore, now);
+        self.guess = request.key;
         if let Some(change) = verdict.change() {
             state.report(change);
         }

@@ -73,6 +73,9 @@ pub struct Exchange {
     others_may_reroute: bool,
     /// How many times a part of this module re-routed the request.
     reroutes: u32,
+    /// `reroutes` when the route was last read again for the end of the
+    /// request ([`Exchange::refresh_route`]): later parts share that read.
+    refreshed_at: Option<u32>,
     /// The cluster of the target lb-hints chose (the suite's hand-off to the breaker).
     target_cluster: Option<String>,
 }
@@ -88,6 +91,7 @@ impl Exchange {
             response_code: None,
             others_may_reroute,
             reroutes: 0,
+            refreshed_at: None,
             target_cluster: None,
         }
     }
@@ -122,11 +126,12 @@ impl Exchange {
         self.request.set_header(name, value);
     }
 
-    /// A part changed the routing header and cleared Envoy's route cache:
-    /// the route, cluster and route metadata read so far are stale.
+    /// A part changed the routing header and cleared Envoy's route cache.
+    /// The route, cluster and route metadata read so far stay: until the
+    /// request phase ends they are what Envoy answers anyway (in Envoy 1.40
+    /// no host call makes it resolve the new route before a filter after
+    /// this module asks for it, the router at the latest; docs/suite.md).
     pub fn rerouted(&mut self, target_cluster: Option<&str>) {
-        self.request.refresh_route();
-        self.metadata.clear();
         self.reroutes += 1;
         self.target_cluster = target_cluster.map(str::to_string);
     }
@@ -148,7 +153,9 @@ impl Exchange {
     /// the request phase after a re-route is not the final one: Envoy picks
     /// the new route only when the router asks for it, so it is read again.)
     pub fn refresh_route(&mut self) {
-        if self.others_may_reroute || self.reroutes > 0 {
+        let due = self.others_may_reroute || self.reroutes > 0;
+        if due && self.refreshed_at != Some(self.reroutes) {
+            self.refreshed_at = Some(self.reroutes);
             self.request.refresh_route();
             self.metadata.clear();
         }
