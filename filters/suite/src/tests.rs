@@ -114,8 +114,8 @@ fn an_unknown_part_is_refused() {
 const BENCH: &str = r#"{
   "metrics": {"labels": {"route": true, "method": true, "status_class": true,
               "custom": [{"name": "tenant", "header": "x-tenant", "allowed": ["gold"]}]}},
-  "ratelimit": {"rules": [{"name": "per-api-key", "match": {"route": ["api", "api-v2"]},
-                 "key": [{"header": "x-api-key"}], "limit": {"requests": 1000, "per": "1s"}}]},
+  "ratelimit": {"rules": [{"name": "per-api-key", "key": [{"header": "x-api-key"}],
+                 "limit": {"requests": 1000, "per": "1s"}}]},
   "lb_hints": {"rules": [{"name": "api-canary", "match": {"route": "api"}, "header": "x-mesh-target",
                 "targets": [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}],
                 "algorithm": "sticky", "sticky": {"header": "x-user-id"}}]},

@@ -25,7 +25,8 @@ pub(crate) const FILTER_HOSTCALLS: &[(&str, &[HostCall])] = &[
     (
         "ratelimit",
         &[
-            ("route_name", 1, "the rule matches routes"),
+            // No route read: the rule applies to every request, as its native
+            // peer (`native-ratelimit-keyed`) does.
             ("request_header", 1, "`x-api-key`, the key"),
             ("current_time", 1, "clock"),
             ("shared_get", 1, "key shard (256 B)"),
