@@ -320,6 +320,15 @@ impl Envoy {
             .unwrap_or_default()
     }
 
+    /// The lines of `/stats/prometheus` that contain `needle` (for failure messages).
+    pub fn prometheus_lines(&self, needle: &str) -> String {
+        self.prometheus()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// A sample from `/stats/prometheus`: `name{labels}` with exactly these labels.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         metric_value(&self.prometheus(), name, labels)

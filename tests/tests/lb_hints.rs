@@ -594,12 +594,7 @@ fn circuit_breaker_behind_lb_hints(form: Form, route_refresh: bool) {
             (answer.status, answer.header("x-served-by")),
             (200, Some("v1")),
             "while v2's breaker is open; stats:\n{}",
-            envoy
-                .prometheus()
-                .lines()
-                .filter(|l| l.contains("mesh_"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            envoy.prometheus_lines("mesh_")
         );
         while_open += 1;
         v2_calls_while_open = v2.requests();

@@ -44,15 +44,6 @@ fn seen(r: &Response) -> (u16, Option<String>, Option<String>) {
     )
 }
 
-fn mesh_stats(envoy: &Envoy) -> String {
-    envoy
-        .prometheus()
-        .lines()
-        .filter(|l| l.contains("mesh_circuit"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 both_forms!(a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it);
 fn a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it(form: Form) {
     let (v1, v2) = (Upstream::start("v1"), Upstream::start("v2"));
@@ -117,7 +108,7 @@ fn a_route_breaker_counts_a_re_routed_call_on_the_route_that_served_it(form: For
                 .push((kind, user(i), answer));
         }
     }
-    let stats = mesh_stats(&envoy);
+    let stats = envoy.prometheus_lines("mesh_circuit");
     let kinds = |group: &str| {
         let mut out: BTreeMap<&str, usize> = BTreeMap::new();
         for (kind, _, _) in answers.get(group).into_iter().flatten() {

@@ -14,15 +14,6 @@ use mesh_testkit::http::Client;
 use mesh_testkit::rls::{RateLimitService, Redis};
 use mesh_testkit::{Behaviour, Bootstrap, Envoy, Split, Upstream, WasmFilter};
 
-fn mesh_stats(envoy: &Envoy) -> String {
-    envoy
-        .prometheus()
-        .lines()
-        .filter(|l| l.contains("mesh_"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 const BREAKER: &str = r#"{"rules": [{"name": "per-cluster", "scope": "cluster",
     "window": {"kind": "count", "size": 10}, "minimum_calls": 10, "consecutive_failures": 3,
     "open_for": "6s", "half_open_calls": 1}]}"#;
@@ -70,7 +61,7 @@ fn with_avoid_open_circuits_an_open_v2_gets_no_calls_and_comes_back_after_open_f
         envoy.metric("mesh_circuit_open_breakers", &[("rule", "per-cluster")]),
         Some(1.0),
         "{}",
-        mesh_stats(&envoy)
+        envoy.prometheus_lines("mesh_")
     );
     let v2_calls = v2.requests();
     // The breaker opened a little after `opened_after` (when it booked the
@@ -85,7 +76,7 @@ fn with_avoid_open_circuits_an_open_v2_gets_no_calls_and_comes_back_after_open_f
             (answer.status, answer.header("x-served-by")),
             (200, Some("v1")),
             "while v2's breaker is open; stats:\n{}",
-            mesh_stats(&envoy)
+            envoy.prometheus_lines("mesh_")
         );
         while_open += 1;
         std::thread::sleep(Duration::from_millis(20));
@@ -129,7 +120,7 @@ fn the_breaker_answers_in_the_request_phase_for_the_cluster_lb_hints_chose() {
             }
             other => panic!(
                 "unexpected answer {other:?}; stats:\n{}",
-                mesh_stats(&envoy)
+                envoy.prometheus_lines("mesh_")
             ),
         }
     }
@@ -170,7 +161,7 @@ fn metrics_counts_a_ratelimit_answer_with_its_status_and_duration() {
         (count("200"), count("429")),
         (Some(2.0), Some(3.0)),
         "{}",
-        mesh_stats(&envoy)
+        envoy.prometheus_lines("mesh_")
     );
     assert_eq!(
         envoy.metric(
@@ -192,7 +183,7 @@ fn metrics_counts_a_ratelimit_answer_with_its_status_and_duration() {
         assert!(
             Instant::now() < deadline,
             "429 durations: {samples:?}\n{}",
-            mesh_stats(&envoy)
+            envoy.prometheus_lines("mesh_")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -231,7 +222,7 @@ fn after_a_global_rate_limit_answer_lb_hints_and_the_breaker_run() {
         answers[..3],
         [v2_served.clone(), v2_served.clone(), v2_served],
         "{}",
-        mesh_stats(&envoy)
+        envoy.prometheus_lines("mesh_")
     );
     assert_eq!(answers[3].0, 429);
     assert_eq!(answers[4].0, 429);
