@@ -21,6 +21,7 @@ pub mod demo;
 pub mod docker;
 pub mod envoy;
 pub mod func_e;
+pub mod global;
 pub mod helm;
 pub mod http;
 pub mod istio;

@@ -1,78 +1,16 @@
 //! ratelimit's global mode in real Envoys (2 workers each) sharing one
 //! envoyproxy/ratelimit service on one Redis, all on loopback.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mesh_testkit::envoy::assert_config_refused_in;
+use mesh_testkit::global::{
+    away_from_window_end, bootstrap, both_recovered, calls, decision, service_config, timed, world,
+    World, FAILURE_ANSWER_BOUND, FAILURE_RULES,
+};
 use mesh_testkit::http::{self, Client};
 use mesh_testkit::rls::{RateLimitService, Redis};
 use mesh_testkit::{both_forms, concurrent_gets, Bootstrap, Envoy, Form, Upstream, WasmFilter};
-
-/// Redis, the service with `service_config`, and `envoys` Envoys whose
-/// ratelimit filter has `filter_config` (cluster `rls` is the service).
-struct World {
-    redis: Redis,
-    rls: RateLimitService,
-    envoys: Vec<Envoy>,
-    upstream: Upstream,
-}
-
-fn world(form: Form, service_config: &str, filter_config: &str, envoys: usize) -> World {
-    let redis = Redis::start();
-    let rls = RateLimitService::start(redis.port(), service_config);
-    let upstream = Upstream::start("backend");
-    let envoys = (0..envoys)
-        .map(|_| envoy(form, filter_config, &upstream, rls.grpc_port()))
-        .collect();
-    World {
-        redis,
-        rls,
-        envoys,
-        upstream,
-    }
-}
-
-fn envoy(form: Form, filter_config: &str, upstream: &Upstream, rls_port: u16) -> Envoy {
-    Envoy::start(&bootstrap(form, filter_config, upstream, rls_port))
-}
-
-fn bootstrap(form: Form, filter_config: &str, upstream: &Upstream, rls_port: u16) -> String {
-    Bootstrap::in_form(form)
-        .wasm(WasmFilter::new("ratelimit", filter_config))
-        .route("open", "/", "backend")
-        .cluster("backend", upstream.port())
-        .grpc_cluster("rls", rls_port)
-        .yaml()
-}
-
-/// envoyproxy/ratelimit's configuration: one limit per `(rule, key header)`.
-fn service_config(limits: &[(&str, &str, u32, &str)]) -> String {
-    let mut yaml = String::from("domain: mesh\ndescriptors:\n");
-    for (rule, header, requests, unit) in limits {
-        yaml.push_str(&format!(
-            "  - key: rule\n    value: {rule}\n    descriptors:\n      - key: {header}\n        rate_limit: {{unit: {unit}, requests_per_unit: {requests}}}\n"
-        ));
-    }
-    yaml
-}
-
-fn decision(envoy: &Envoy, rule: &str, decision: &str) -> f64 {
-    envoy
-        .metric(
-            "mesh_ratelimit_requests_total",
-            &[("rule", rule), ("decision", decision)],
-        )
-        .unwrap_or(0.0)
-}
-
-fn calls(envoy: &Envoy, rule: &str, outcome: &str) -> f64 {
-    envoy
-        .metric(
-            "mesh_ratelimit_global_calls_total",
-            &[("rule", rule), ("outcome", outcome)],
-        )
-        .unwrap_or(0.0)
-}
 
 /// Connections each of an Envoy's two workers accepted so far.
 fn connections_per_worker(envoy: &Envoy) -> [f64; 2] {
@@ -87,19 +25,6 @@ fn connections_per_worker(envoy: &Envoy) -> [f64; 2] {
             .sum()
     };
     [accepted("0"), accepted("1")]
-}
-
-/// Waits, if needed, so that at least `margin` remains of the current fixed
-/// window of `unit_secs` (the service's windows are aligned to the epoch).
-fn away_from_window_end(unit_secs: u64, margin: Duration) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let into =
-        Duration::from_nanos((now.as_nanos() % (u128::from(unit_secs) * 1_000_000_000)) as u64);
-    let left = Duration::from_secs(unit_secs) - into;
-    if left < margin {
-        eprintln!("waiting {left:?} for the next window");
-        std::thread::sleep(left + Duration::from_millis(50));
-    }
 }
 
 both_forms!(one_limit_shared_by_three_envoys_is_exact);
@@ -280,19 +205,6 @@ fn an_over_limit_answer_is_remembered_until_the_window_resets(form: Form) {
     );
 }
 
-const FAILURE_RULES: &str = r#"{"rules": [
-    {"name": "open", "match": {"path_prefix": "/allow"}, "key": [{"header": "x-user"}],
-     "global": {"service": "rls", "domain": "mesh", "timeout": "100ms", "failure_mode": "allow"}},
-    {"name": "closed", "match": {"path_prefix": "/deny"}, "key": [{"header": "x-user"}],
-     "global": {"service": "rls", "domain": "mesh", "timeout": "100ms", "failure_mode": "deny"}}]}"#;
-
-/// Sends one request on a fresh connection; its status, body and duration.
-fn timed(port: u16, path: &str) -> (u16, String, Duration) {
-    let started = Instant::now();
-    let r = http::get(port, path, &[("x-user", "erin")]).unwrap();
-    (r.status, r.body_text(), started.elapsed())
-}
-
 /// With the service unusable: `allow` lets requests through, `deny` answers
 /// 503, each within the timeout plus a margin; returns the slowest answer.
 fn both_failure_modes(w: &World, case: &str) -> Duration {
@@ -316,9 +228,8 @@ fn both_failure_modes(w: &World, case: &str) -> Duration {
         slowest = slowest.max(took).max(took2);
     }
     eprintln!("{case}: answers took {times:?}");
-    // Timeout 100 ms; a generous bound for a loaded 2-core machine.
     assert!(
-        slowest < Duration::from_millis(1500),
+        slowest < FAILURE_ANSWER_BOUND,
         "{case}: slowest answer {slowest:?}"
     );
     assert_eq!(
@@ -332,25 +243,6 @@ fn both_failure_modes(w: &World, case: &str) -> Duration {
         "{case}"
     );
     slowest
-}
-
-fn both_recovered(w: &World, case: &str) {
-    let e = &w.envoys[0];
-    // The first call after a restart may still find the old connection gone.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (allow, _, _) = timed(e.port(), "/allow");
-        let (deny, _, _) = timed(e.port(), "/deny");
-        let ok_before = calls(e, "closed", "ok");
-        if allow == 200 && deny == 200 && ok_before > 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{case}: not recovered ({allow}, {deny})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 both_forms!(failures_follow_the_failure_mode_and_the_filter_recovers);
