@@ -263,6 +263,7 @@ fn compile_global(
             503,
             "rate limit service unavailable\n",
         ),
+        max_batch: spec.max_batch.map_or(1, |n| n.get() as usize),
         remembered,
     })
 }
@@ -532,6 +533,15 @@ mod tests {
             r#"{"service": "rls", "domain": "d", "servcie": "x"}"#
         ))
         .starts_with("rules[0].global.servcie: unknown field"));
+        for n in ["0", "1001", "2.5", "\"8\""] {
+            assert!(
+                err(&rule(&format!(
+                    r#"{{"service": "rls", "domain": "d", "max_batch": {n}}}"#
+                )))
+                .starts_with("rules[0].global.max_batch:"),
+                "max_batch {n}"
+            );
+        }
         assert_eq!(
             err(r#"{"rules": [{"name": "a"}]}"#),
             r#"rules[0]: needs a "limit", a "global" block, or both"#

@@ -8,8 +8,8 @@ use crate::Config;
 
 proxy_wasm::main! {{
     host::init_logging(FILTER);
-    proxy_wasm::set_root_context(|id| Alone::root(id, |_| {
-        host::load_config(FILTER, Config::parse).map(Ratelimit::new)
+    proxy_wasm::set_root_context(|id| Alone::root(id, |root_id| {
+        host::load_config(FILTER, Config::parse).map(|c| Ratelimit::new(c, root_id))
     }));
 }}
 

@@ -20,6 +20,8 @@ use crate::table::KeyTable;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
 /// Upper bound for `timeout`: a request waits this long at most.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for `max_batch`: descriptors in one call.
+pub const MAX_BATCH: u64 = 1000;
 
 /// The compiled `global` block of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,8 @@ pub struct Global {
     pub failure_mode: FailureMode,
     /// The answer when the call fails and `failure_mode` is `deny`.
     pub failure_response: LocalResponse,
+    /// Descriptors per call (1: every request its own call; see `batch.rs`).
+    pub max_batch: usize,
     /// `OVER_LIMIT` answers remembered per key, until their reset.
     pub remembered: KeyTable,
 }
@@ -67,9 +71,9 @@ pub fn entry_key(part: &Source) -> &str {
     }
 }
 
-/// The request bytes: one descriptor, `("rule", <rule name>)` then one entry
-/// per key part (`values` in the order of the rule's key).
-pub fn request_bytes(domain: &str, rule: &str, key: &[Source], values: &[Vec<u8>]) -> Vec<u8> {
+/// A request's descriptor: `("rule", <rule name>)` then one entry per key
+/// part (`values` in the order of the rule's key).
+pub fn descriptor(rule: &str, key: &[Source], values: &[Vec<u8>]) -> rls::RateLimitDescriptor {
     let mut entries = Vec::with_capacity(key.len() + 1);
     entries.push(rls::Entry {
         key: "rule".to_string(),
@@ -82,9 +86,15 @@ pub fn request_bytes(domain: &str, rule: &str, key: &[Source], values: &[Vec<u8>
             value: String::from_utf8_lossy(value).into_owned(),
         });
     }
+    rls::RateLimitDescriptor { entries }
+}
+
+/// The request bytes: the descriptors of one request, or of a batch (one
+/// each, in the order their statuses come back).
+pub fn request_bytes(domain: &str, descriptors: Vec<rls::RateLimitDescriptor>) -> Vec<u8> {
     rls::RateLimitRequest {
         domain: domain.to_string(),
-        descriptors: vec![rls::RateLimitDescriptor { entries }],
+        descriptors,
         hits_addend: 0,
     }
     .encode_to_vec()
@@ -104,16 +114,7 @@ pub fn read_answer(bytes: &[u8]) -> Answer {
     let Ok(resp) = RateLimitResponse::decode(bytes) else {
         return Answer::Invalid;
     };
-    let status = resp.statuses.first().map(|s| ServiceStatus {
-        limit: s.current_limit.as_ref().map_or(0, |l| l.requests_per_unit),
-        window_secs: s
-            .current_limit
-            .as_ref()
-            .and_then(|l| Unit::try_from(l.unit).ok())
-            .map_or(0, Unit::seconds),
-        remaining: s.limit_remaining,
-        reset_after: s.duration_until_reset.map_or(0, |d| d.nanos()),
-    });
+    let status = resp.statuses.first().map(service_status);
     match Code::try_from(resp.overall_code) {
         Ok(Code::Ok) => Answer::Ok(status.filter(|s| s.limit > 0)),
         Ok(Code::OverLimit) => Answer::OverLimit(status.unwrap_or(ServiceStatus {
@@ -123,6 +124,51 @@ pub fn read_answer(bytes: &[u8]) -> Answer {
             reset_after: 0,
         })),
         _ => Answer::Invalid,
+    }
+}
+
+/// Reads the answer to a batched call of `n` descriptors: one answer each,
+/// from its own `DescriptorStatus`. An answer without one status per
+/// descriptor cannot be matched to the requests: all `Invalid`, unless the
+/// overall code is `OK` (then no descriptor is over its limit).
+pub fn read_answers(bytes: &[u8], n: usize) -> Vec<Answer> {
+    let Ok(resp) = RateLimitResponse::decode(bytes) else {
+        return vec![Answer::Invalid; n];
+    };
+    let overall = Code::try_from(resp.overall_code);
+    if resp.statuses.len() != n {
+        let each = match overall {
+            Ok(Code::Ok) => Answer::Ok(None),
+            _ => Answer::Invalid,
+        };
+        return vec![each; n];
+    }
+    if !matches!(overall, Ok(Code::Ok | Code::OverLimit)) {
+        return vec![Answer::Invalid; n];
+    }
+    resp.statuses
+        .iter()
+        .map(|s| {
+            let status = service_status(s);
+            match Code::try_from(s.code) {
+                Ok(Code::Ok) => Answer::Ok(Some(status).filter(|s| s.limit > 0)),
+                Ok(Code::OverLimit) => Answer::OverLimit(status),
+                _ => Answer::Invalid,
+            }
+        })
+        .collect()
+}
+
+fn service_status(s: &rls::DescriptorStatus) -> ServiceStatus {
+    ServiceStatus {
+        limit: s.current_limit.as_ref().map_or(0, |l| l.requests_per_unit),
+        window_secs: s
+            .current_limit
+            .as_ref()
+            .and_then(|l| Unit::try_from(l.unit).ok())
+            .map_or(0, Unit::seconds),
+        remaining: s.limit_remaining,
+        reset_after: s.duration_until_reset.map_or(0, |d| d.nanos()),
     }
 }
 
@@ -235,6 +281,7 @@ mod tests {
                 status: 503,
                 body: "x".into(),
             },
+            max_batch: 1,
             remembered: KeyTable::remembered("t.over.".into(), 64),
         }
     }
@@ -272,7 +319,7 @@ mod tests {
             .iter()
             .map(|v| v.as_bytes().to_vec())
             .collect();
-        let bytes = request_bytes("mesh", "per-user", &key, &values);
+        let bytes = request_bytes("mesh", vec![descriptor("per-user", &key, &values)]);
         let req = rls::RateLimitRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(req.domain, "mesh");
         let entries: Vec<(&str, &str)> = req.descriptors[0]
@@ -329,6 +376,62 @@ mod tests {
     }
 
     #[test]
+    fn a_batched_answer_decides_each_descriptor_by_its_own_status() {
+        let status = |code: Code, remaining: u32| DescriptorStatus {
+            code: code as i32,
+            current_limit: Some(RateLimit {
+                requests_per_unit: 10,
+                unit: Unit::Minute as i32,
+                name: String::new(),
+            }),
+            limit_remaining: remaining,
+            duration_until_reset: Some(ProtoDuration {
+                seconds: 7,
+                nanos: 0,
+            }),
+        };
+        let answer = |overall: Code, statuses: Vec<DescriptorStatus>| {
+            RateLimitResponse {
+                overall_code: overall as i32,
+                statuses,
+            }
+            .encode_to_vec()
+        };
+        let numbers = |remaining| ServiceStatus {
+            limit: 10,
+            window_secs: 60,
+            remaining,
+            reset_after: 7_000_000_000,
+        };
+        let mixed = answer(
+            Code::OverLimit,
+            vec![
+                status(Code::Ok, 3),
+                status(Code::OverLimit, 0),
+                status(Code::Ok, 2),
+            ],
+        );
+        assert_eq!(
+            read_answers(&mixed, 3),
+            [
+                Answer::Ok(Some(numbers(3))),
+                Answer::OverLimit(numbers(0)),
+                Answer::Ok(Some(numbers(2)))
+            ]
+        );
+        // Statuses that cannot be matched to the requests.
+        assert_eq!(read_answers(&mixed, 2), [Answer::Invalid; 2]);
+        assert_eq!(
+            read_answers(&answer(Code::Ok, vec![]), 2),
+            [Answer::Ok(None); 2],
+            "overall OK without statuses: none is over"
+        );
+        let unknown = answer(Code::Unknown, vec![status(Code::Ok, 1)]);
+        assert_eq!(read_answers(&unknown, 1), [Answer::Invalid]);
+        assert_eq!(read_answers(b"\xff\xff", 2), [Answer::Invalid; 2]);
+    }
+
+    #[test]
     fn an_over_limit_is_remembered_until_its_reset_for_that_key_only() {
         let g = global();
         let store = MemoryStore::new();
@@ -372,8 +475,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_bytes_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn any_bytes_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64), n in 0usize..5) {
             let _ = read_answer(&bytes);
+            prop_assert_eq!(read_answers(&bytes, n).len(), n);
         }
 
         #[test]

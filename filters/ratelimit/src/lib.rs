@@ -6,6 +6,7 @@
 //! [`mesh_shared::SharedStore`] and time as a number, so it is tested natively.
 //! `filter.rs` is the thin proxy-wasm adapter (wasm32 only).
 
+pub mod batch;
 pub mod config;
 pub mod gcra;
 pub mod global;
@@ -117,7 +118,7 @@ impl Verdict {
 }
 
 /// The outcome of [`RateLimiter::check`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Check {
     /// Decided here.
     Done(Verdict),
@@ -126,12 +127,12 @@ pub enum Check {
     Ask(GlobalCall),
 }
 
-/// A call to make: the rule, the key, and the `RateLimitRequest` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A call to make: the rule, the key, and the request's descriptor.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GlobalCall {
     pub rule: usize,
     pub fp: u64,
-    pub request: Vec<u8>,
+    pub descriptor: rls::RateLimitDescriptor,
 }
 
 /// How a call ended.
@@ -219,7 +220,7 @@ impl RateLimiter {
             return Check::Ask(GlobalCall {
                 rule: index,
                 fp,
-                request: global::request_bytes(&global.domain, &rule.name, &rule.key, &values),
+                descriptor: global::descriptor(&rule.name, &rule.key, &values),
             });
         }
         Check::Done(Verdict::NoRule)
@@ -247,6 +248,23 @@ impl RateLimiter {
         hint: &dyn RememberedUntil,
         now: u64,
     ) -> Verdict {
+        let answer = match outcome {
+            CallOutcome::Answered(bytes) => global::read_answer(bytes),
+            CallOutcome::Failed => global::Answer::Invalid,
+        };
+        self.decide(call, answer, store, hint, now)
+    }
+
+    /// The verdict for one request from its own answer (of a batched call:
+    /// `global::read_answers`).
+    pub fn decide(
+        &self,
+        call: &GlobalCall,
+        answer: global::Answer,
+        store: &dyn SharedStore,
+        hint: &dyn RememberedUntil,
+        now: u64,
+    ) -> Verdict {
         let index = call.rule;
         let Some((rule, global)) = self
             .config
@@ -255,10 +273,6 @@ impl RateLimiter {
             .and_then(|r| Some((r, r.global.as_ref()?)))
         else {
             return Verdict::NoRule;
-        };
-        let answer = match outcome {
-            CallOutcome::Answered(bytes) => global::read_answer(bytes),
-            CallOutcome::Failed => global::Answer::Invalid,
         };
         match answer {
             global::Answer::Ok(status) => Verdict::GlobalAllowed {

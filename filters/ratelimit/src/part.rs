@@ -2,7 +2,7 @@
 //! compiles the configuration once, the stream asks the core and acts on its
 //! verdict. Run alone by this crate's module (`filter.rs`) and by the suite.
 
-use std::cell::Cell;
+use std::any::Any;
 use std::rc::Rc;
 
 use mesh_shared::host::{self, HostStore, Metric};
@@ -12,9 +12,16 @@ use mesh_shared::stats::stat_name;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MapType, MetricType};
 
-use crate::global::{read_answer, unavailable_reason, Answer};
+use crate::batch::Admission;
+use crate::global::{read_answer, request_bytes};
 use crate::rls;
-use crate::{CallOutcome, Check, Config, GlobalCall, RateLimiter, RememberedUntil, Verdict};
+use crate::{
+    CallOutcome, Check, Config, Global, GlobalCall, RateLimiter, RememberedUntil, Verdict,
+};
+
+mod calls;
+
+use calls::{Batching, EndedCall, GlobalStats};
 
 pub const FILTER: &str = "ratelimit";
 
@@ -29,68 +36,12 @@ struct RuleStats {
     global: Option<GlobalStats>,
 }
 
-/// Calls to the RLS service of a global rule, by outcome, and their latency.
-struct GlobalStats {
-    limited: Metric,
-    failure_denied: Metric,
-    ok: Metric,
-    over_limit: Metric,
-    timeout: Metric,
-    unavailable: Metric,
-    error: Metric,
-    invalid: Metric,
-    not_started: Metric,
-    duration_ms: Metric,
-    /// A call failure has been logged on this worker (logged once, not per request).
-    logged_failure: Cell<bool>,
-}
-
-impl GlobalStats {
-    fn define(rule: &str) -> GlobalStats {
-        let decision = |d: &str| {
-            Metric::counter(&stat_name(
-                "mesh_ratelimit_requests_total",
-                &[("rule", rule), ("decision", d)],
-            ))
-        };
-        let calls = |outcome: &str| {
-            Metric::counter(&stat_name(
-                "mesh_ratelimit_global_calls_total",
-                &[("rule", rule), ("outcome", outcome)],
-            ))
-        };
-        GlobalStats {
-            limited: decision("global_limited"),
-            failure_denied: decision("failure_denied"),
-            ok: calls("ok"),
-            over_limit: calls("over_limit"),
-            timeout: calls("timeout"),
-            unavailable: calls("unavailable"),
-            error: calls("error"),
-            invalid: calls("invalid"),
-            not_started: calls("not_started"),
-            duration_ms: Metric::histogram(&stat_name(
-                "mesh_ratelimit_global_call_duration_ms",
-                &[("rule", rule)],
-            )),
-            logged_failure: Cell::new(false),
-        }
-    }
-
-    /// Logs why calls fail, once per worker until a call succeeds again.
-    fn log_failure(&self, rule: &str, why: &str) {
-        if !self.logged_failure.replace(true) {
-            log::warn!("{FILTER}: rule {rule}: rate limit service call failed: {why} (failure_mode applies; logged once until a call succeeds)");
-        }
-    }
-}
-
 impl RuleStats {
     fn define(rule: &crate::Rule) -> RuleStats {
         let global = rule
             .global
             .as_ref()
-            .map(|_| GlobalStats::define(&rule.name));
+            .map(|g| GlobalStats::define(&rule.name, g.max_batch > 1));
         let rule = rule.name.as_str();
         let requests = |decision: &str| {
             Metric::counter(&stat_name(
@@ -207,15 +158,18 @@ pub struct Ratelimit {
     limiter: RateLimiter,
     stats: Vec<RuleStats>,
     remembered_until: RememberedGauges,
+    batching: Option<Batching>,
 }
 
 impl Ratelimit {
-    /// Creates the shared tables and defines the stats (configure time).
-    pub fn new(config: Config) -> Ratelimit {
+    /// Creates the shared tables and defines the stats (configure time, in
+    /// the root context `root_id`).
+    pub fn new(config: Config, root_id: u32) -> Ratelimit {
         let limiter = RateLimiter::new(config);
         limiter.create_tables(&HostStore);
         let stats = limiter.config.rules.iter().map(RuleStats::define).collect();
         let remembered_until = RememberedGauges::define(&limiter.config);
+        let batching = Batching::define(&limiter.config, root_id);
         log::info!(
             "{FILTER}: configured {} rule(s)",
             limiter.config.rules.len()
@@ -224,7 +178,24 @@ impl Ratelimit {
             limiter,
             stats,
             remembered_until,
+            batching,
         }
+    }
+
+    fn global(&self, rule: usize) -> Option<&Global> {
+        self.limiter.config.rules.get(rule)?.global.as_ref()
+    }
+
+    fn global_stats(&self, rule: usize) -> Option<&GlobalStats> {
+        self.stats.get(rule)?.global.as_ref()
+    }
+
+    fn rule_name(&self, rule: usize) -> &str {
+        self.limiter
+            .config
+            .rules
+            .get(rule)
+            .map_or("", |r| r.name.as_str())
     }
 }
 
@@ -241,7 +212,16 @@ impl Policy for Ratelimit {
             verdict: Verdict::NoRule,
             replied: false,
             pending: None,
+            waiting: None,
         }
+    }
+
+    fn on_queue_ready(&self, queue: u32) {
+        self.send_signalled(queue);
+    }
+
+    fn on_root_grpc_response(&self, token: u32, status: u32, size: usize) -> bool {
+        self.batch_answered(token, status, size)
     }
 }
 
@@ -258,7 +238,10 @@ pub struct RatelimitStream {
     verdict: Verdict,
     /// We answered locally; Envoy still runs our response callbacks for it.
     replied: bool,
+    /// Its own call in flight.
     pending: Option<Pending>,
+    /// It waits for a batched call of this rule (made by the root context).
+    waiting: Option<(usize, u32)>,
 }
 
 impl RatelimitStream {
@@ -280,49 +263,45 @@ impl RatelimitStream {
         self.verdict = verdict;
         Flow::Continue
     }
-    fn global_stats(&self, rule: usize) -> Option<&GlobalStats> {
-        self.state.stats.get(rule)?.global.as_ref()
-    }
 
-    fn rule_name(&self, rule: usize) -> &str {
-        self.state
-            .limiter
-            .config
-            .rules
-            .get(rule)
-            .map_or("", |r| r.name.as_str())
-    }
-
-    fn service(&self, rule: usize) -> &str {
-        self.state
-            .limiter
-            .config
-            .rules
-            .get(rule)
-            .and_then(|r| r.global.as_ref())
-            .map_or("", |g| g.service.as_str())
-    }
-
-    /// Starts the call; on failure to start, decides at once (failure mode).
-    fn ask(&mut self, call: GlobalCall, now: u64) -> Flow {
+    /// Starts the call, or waits for the next batched one; on failure to
+    /// start, decides at once (failure mode).
+    fn ask(&mut self, call: GlobalCall, ex: &Exchange, now: u64) -> Flow {
         let state = Rc::clone(&self.state);
-        let Some(global) = state
-            .limiter
-            .config
-            .rules
-            .get(call.rule)
-            .and_then(|r| r.global.as_ref())
-        else {
+        let Some(global) = state.global(call.rule) else {
             return Flow::Continue;
         };
+        let rule = call.rule;
+        let batching = state.batching.as_ref().filter(|b| b.batches(rule));
+        let mut call = match batching {
+            Some(b) => {
+                let admission = match b.rules.borrow_mut().get_mut(rule) {
+                    Some(Some(batcher)) => batcher.admit(ex.context_id(), call, now),
+                    _ => Admission::CallNow(call),
+                };
+                match admission {
+                    Admission::CallNow(call) => call,
+                    Admission::Waits => {
+                        self.waiting = Some((rule, ex.context_id()));
+                        return Flow::Paused;
+                    }
+                }
+            }
+            None => call,
+        };
+        // The call keeps what deciding needs (rule, key); the descriptor goes.
+        let request = request_bytes(&global.domain, vec![std::mem::take(&mut call.descriptor)]);
         match host::grpc_call(
             &global.grpc_service,
             rls::SERVICE,
             rls::METHOD,
-            &call.request,
+            &request,
             global.timeout,
         ) {
             Ok(token) => {
+                if let Some(size) = state.global_stats(rule).and_then(|g| g.batch_size) {
+                    size.record(1);
+                }
                 self.pending = Some(Pending {
                     token,
                     call,
@@ -331,15 +310,11 @@ impl RatelimitStream {
                 Flow::Paused
             }
             Err(status) => {
-                if let Some(g) = self.global_stats(call.rule) {
-                    g.not_started.add(1);
-                    g.log_failure(
-                        self.rule_name(call.rule),
-                        &format!(
-                            "Envoy would not start a gRPC call to cluster \"{}\" ({status:?}: no such cluster?)",
-                            global.service
-                        ),
-                    );
+                if let Some(g) = state.global_stats(rule) {
+                    g.call_not_started(state.rule_name(rule), &global.service, status);
+                }
+                if let Some(b) = batching {
+                    b.ended(rule);
                 }
                 let verdict = state.limiter.conclude_with(
                     &call,
@@ -354,6 +329,24 @@ impl RatelimitStream {
     }
 }
 
+impl Drop for RatelimitStream {
+    /// A stream that goes away while it waits: its own call is cancelled by
+    /// Envoy (so it ended), a batched one no longer sends it.
+    fn drop(&mut self) {
+        let Some(batching) = &self.state.batching else {
+            return;
+        };
+        if let Some(pending) = self.pending.take() {
+            if batching.batches(pending.call.rule) {
+                batching.ended(pending.call.rule);
+            }
+        }
+        if let Some((rule, stream)) = self.waiting.take() {
+            batching.leave(rule, stream);
+        }
+    }
+}
+
 impl Part for RatelimitStream {
     fn on_request_headers(&mut self, ex: &mut Exchange) -> Flow {
         let now = ex.now();
@@ -363,7 +356,7 @@ impl Part for RatelimitStream {
             .check_with(ex, &HostStore, &state.remembered_until, now);
         match check {
             Check::Done(verdict) => self.act(verdict),
-            Check::Ask(call) => self.ask(call, now),
+            Check::Ask(call) => self.ask(call, ex, now),
         }
     }
 
@@ -393,57 +386,21 @@ impl Part for RatelimitStream {
             Some(bytes) => CallOutcome::Answered(bytes),
             None => CallOutcome::Failed,
         };
-        let elapsed = now.saturating_sub(pending.started);
-        let timeout = self
-            .state
-            .limiter
-            .config
-            .rules
-            .get(pending.call.rule)
-            .and_then(|r| r.global.as_ref())
-            .map_or(u64::MAX, |g| {
-                u64::try_from(g.timeout.as_nanos()).unwrap_or(u64::MAX)
-            });
-        if let Some(g) = self.global_stats(pending.call.rule) {
-            g.duration_ms.record(elapsed / 1_000_000);
-            // Envoy ends a call past its timeout with UNAVAILABLE (its 504
-            // mapped to gRPC), so the time taken tells a timeout apart.
-            // Envoy's timers may fire a little before the clock we read says.
-            let timed_out = elapsed.saturating_add((timeout / 20).max(1_000_000)) >= timeout;
-            let (metric, why) = match (&body, status_code) {
-                (Some(bytes), _) => match read_answer(bytes) {
-                    Answer::Ok(_) => (g.ok, None),
-                    Answer::OverLimit(_) => (g.over_limit, None),
-                    Answer::Invalid => (
-                        g.invalid,
-                        Some("an answer that is no RateLimitResponse, or code UNKNOWN".to_string()),
-                    ),
-                },
-                // gRPC DEADLINE_EXCEEDED, UNAVAILABLE.
-                (None, 4) => (g.timeout, Some("timed out".to_string())),
-                (None, _) if timed_out => (g.timeout, Some("timed out".to_string())),
-                (None, 14) => (
-                    g.unavailable,
-                    Some(unavailable_reason(
-                        &host::grpc_status_message(),
-                        self.service(pending.call.rule),
-                    )),
-                ),
-                (None, code) => (
-                    g.error,
-                    Some(format!(
-                        "gRPC status {code}: {}",
-                        host::grpc_status_message()
-                    )),
-                ),
+        let state = Rc::clone(&self.state);
+        let rule = pending.call.rule;
+        if let (Some(g), Some(global)) = (state.global_stats(rule), state.global(rule)) {
+            let ended = EndedCall {
+                rule: state.rule_name(rule),
+                global,
+                status: status_code,
+                elapsed: now.saturating_sub(pending.started),
             };
-            metric.add(1);
-            match why {
-                Some(why) => g.log_failure(self.rule_name(pending.call.rule), &why),
-                None => g.logged_failure.set(false),
-            }
+            let answer = body.as_ref().map(|bytes| [read_answer(bytes)]);
+            g.record_call(&ended, answer.as_ref().map(|a| a.as_slice()));
         }
-        let state = &self.state;
+        if let Some(b) = state.batching.as_ref().filter(|b| b.batches(rule)) {
+            b.ended(rule);
+        }
         let verdict = state.limiter.conclude_with(
             &pending.call,
             outcome,
@@ -452,5 +409,11 @@ impl Part for RatelimitStream {
             now,
         );
         Some(self.act(verdict))
+    }
+
+    fn on_delivery(&mut self, _ex: &mut Exchange, delivery: &dyn Any) -> Option<Flow> {
+        let verdict = delivery.downcast_ref::<Verdict>()?;
+        self.waiting.take()?;
+        Some(self.act(*verdict))
     }
 }

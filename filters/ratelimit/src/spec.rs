@@ -9,6 +9,7 @@ use mesh_shared::request::SourceSpec;
 use mesh_shared::spec::{Duration, Integer, LocalResponseSpec, Name, NonEmpty};
 
 use crate::config::MAX_MAX_KEYS;
+use crate::global::MAX_BATCH;
 
 /// The JSON Schema of [`ConfigSpec`] (committed as `schemas/<filter>.schema.json`).
 #[cfg(feature = "schema")]
@@ -101,6 +102,10 @@ pub struct GlobalSpec {
     pub failure_mode: Option<FailureModeSpec>,
     /// The `deny` answer (default 503 `rate limit service unavailable`).
     pub failure_response: Option<LocalResponseSpec>,
+    /// Descriptors per call, 1 to 1000 (default 1: every request its own
+    /// call). Above 1, requests that need a call while one is in flight on
+    /// the worker go together in the next call, one descriptor each.
+    pub max_batch: Option<Integer<1, MAX_BATCH>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -262,9 +262,8 @@ fn a_global_rule_asks_with_the_rule_and_key_as_descriptor() {
     let (l, s) = limiter(GLOBAL);
     let call = ask(&l, &mut user("alice"), &s, NOW);
     assert_eq!(call.rule, 2);
-    let req = crate::rls::RateLimitRequest::decode(call.request.as_slice()).unwrap();
-    assert_eq!(req.domain, "mesh");
-    let entries: Vec<(String, String)> = req.descriptors[0]
+    let entries: Vec<(String, String)> = call
+        .descriptor
         .entries
         .iter()
         .map(|e| (e.key.clone(), e.value.clone()))

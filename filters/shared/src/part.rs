@@ -10,9 +10,12 @@
 //! clock read once per callback, and what one part hands to the next in the
 //! same module (lb-hints' re-route and chosen cluster).
 
-use std::rc::Rc;
+use std::any::Any;
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -62,6 +65,8 @@ impl HeaderPlan {
 
 /// One request as the parts of a module see it.
 pub struct Exchange {
+    /// The stream's context id.
+    context_id: u32,
     request: HostRequest,
     /// Route metadata by filter name, read once each.
     metadata: Vec<(&'static str, Option<Vec<u8>>)>,
@@ -83,8 +88,9 @@ pub struct Exchange {
 impl Exchange {
     /// `others_may_reroute`: true unless every filter that may re-route this
     /// request runs in this module. `plan`: the configuration's.
-    pub fn new(others_may_reroute: bool, plan: HeaderPlan) -> Exchange {
+    pub fn new(context_id: u32, others_may_reroute: bool, plan: HeaderPlan) -> Exchange {
         Exchange {
+            context_id,
             request: HostRequest::reading(plan.all_at_once),
             metadata: Vec::new(),
             now: None,
@@ -94,6 +100,11 @@ impl Exchange {
             refreshed_at: None,
             target_cluster: None,
         }
+    }
+
+    /// The stream's context id (what [`deliver`] takes).
+    pub fn context_id(&self) -> u32 {
+        self.context_id
     }
 
     /// The clock, read once per callback.
@@ -227,6 +238,11 @@ pub trait Part {
     ) -> Option<Flow> {
         None
     }
+    /// An answer the root context hands over ([`deliver`]): `None` if it is
+    /// not this part's, else what the part did.
+    fn on_delivery(&mut self, _ex: &mut Exchange, _delivery: &dyn Any) -> Option<Flow> {
+        None
+    }
 }
 
 /// A configured part: one per configuration, shared by the worker's streams.
@@ -241,6 +257,69 @@ pub trait Policy: 'static {
         None
     }
     fn tick(&self) {}
+    /// A message arrived in a shared queue the policy registered.
+    fn on_queue_ready(&self, _queue: u32) {}
+    /// The answer to a gRPC call the policy made from the root context:
+    /// false if the call is not the policy's.
+    fn on_root_grpc_response(&self, _token: u32, _status: u32, _size: usize) -> bool {
+        false
+    }
+}
+
+/// A paused stream that the root context can hand an answer to.
+pub trait Wake {
+    fn wake(&mut self, delivery: &dyn Any);
+}
+
+/// A paused stream as the root context may reach it. Weak: the SDK owns it.
+pub type PausedStream = Weak<RefCell<dyn Wake>>;
+
+thread_local! {
+    /// The worker's paused streams by context id. Weak: the SDK owns them.
+    /// A list, not a map: it holds the streams paused at once on one worker
+    /// (tens), and a hash map's code costs the module kilobytes.
+    static PAUSED: RefCell<Vec<(u32, PausedStream)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Lets the root context reach a paused stream (a module's stream wrapper,
+/// when a part pauses it).
+pub fn register_paused(context_id: u32, stream: PausedStream) {
+    PAUSED.with(|p| p.borrow_mut().push((context_id, stream)));
+}
+
+/// The stream is no longer paused, or goes away.
+pub fn unregister_paused(context_id: u32) {
+    take_paused(context_id);
+}
+
+fn take_paused(context_id: u32) -> Option<PausedStream> {
+    PAUSED.with(|p| {
+        let mut p = p.borrow_mut();
+        let at = p.iter().position(|(id, _)| *id == context_id)?;
+        Some(p.swap_remove(at).1)
+    })
+}
+
+/// Hands `delivery` to the paused stream `context_id` from the root context
+/// `root_id`: its host calls then act on that stream (proxy-wasm's effective
+/// context), and the root's own calls go on afterwards. False if the stream
+/// went away.
+pub fn deliver(context_id: u32, root_id: u32, delivery: &dyn Any) -> bool {
+    let Some(stream) = take_paused(context_id).and_then(|w| w.upgrade()) else {
+        return false;
+    };
+    if hostcalls::set_effective_context(context_id).is_err() {
+        return false;
+    }
+    let woken = match stream.try_borrow_mut() {
+        Ok(mut s) => {
+            s.wake(delivery);
+            true
+        }
+        Err(_) => false,
+    };
+    let _ = hostcalls::set_effective_context(root_id);
+    woken
 }
 
 /// A filter's own module: one part alone in the VM.
@@ -263,7 +342,13 @@ impl<P: Policy> Alone<P> {
     }
 }
 
-impl<P: Policy> Context for Alone<P> {}
+impl<P: Policy> Context for Alone<P> {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if let Some(policy) = &self.policy {
+            policy.on_root_grpc_response(token_id, status_code, response_size);
+        }
+    }
+}
 
 impl<P: Policy> RootContext for Alone<P> {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -284,11 +369,20 @@ impl<P: Policy> RootContext for Alone<P> {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Some(policy) = &self.policy {
+            policy.on_queue_ready(queue_id);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.as_ref()?;
-        let mut ex = Exchange::new(true, self.plan);
+        let mut ex = Exchange::new(context_id, true, self.plan);
         let part = policy.stream(&mut ex);
-        Some(Box::new(AloneStream { ex, part }))
+        Some(Box::new(AloneStream(Rc::new(RefCell::new(AloneState {
+            ex,
+            part,
+        })))))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -296,7 +390,13 @@ impl<P: Policy> RootContext for Alone<P> {
     }
 }
 
-struct AloneStream<S: Part> {
+/// A stream of a filter's own module. Shared (`Rc`) so that the root context
+/// can wake it while it is paused ([`deliver`]); Envoy runs what a callback
+/// asks of a stream (resume, local reply) after the callback returns, so a
+/// stream is never entered while it is being woken.
+struct AloneStream<S: Part + 'static>(Rc<RefCell<AloneState<S>>>);
+
+struct AloneState<S: Part> {
     ex: Exchange,
     part: S,
 }
@@ -309,47 +409,85 @@ pub fn action(flow: Flow) -> Action {
     }
 }
 
-impl<S: Part> Context for AloneStream<S> {
-    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+impl<S: Part + 'static> AloneStream<S> {
+    fn state(&self) -> std::cell::RefMut<'_, AloneState<S>> {
+        self.0.borrow_mut()
+    }
+}
+
+impl<S: Part + 'static> Wake for AloneState<S> {
+    fn wake(&mut self, delivery: &dyn Any) {
         self.ex.next_callback();
-        let flow =
-            self.part
-                .on_grpc_call_response(&mut self.ex, token_id, status_code, response_size);
+        if self.part.on_delivery(&mut self.ex, delivery) == Some(Flow::Continue) {
+            host::resume_request();
+        }
+    }
+}
+
+impl<S: Part + 'static> Drop for AloneStream<S> {
+    fn drop(&mut self) {
+        let id = self.state().ex.context_id;
+        unregister_paused(id);
+    }
+}
+
+impl<S: Part + 'static> Context for AloneStream<S> {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let mut s = self.state();
+        s.ex.next_callback();
+        let AloneState { ex, part } = &mut *s;
+        let flow = part.on_grpc_call_response(ex, token_id, status_code, response_size);
         if flow == Some(Flow::Continue) {
             host::resume_request();
         }
     }
 
     fn on_done(&mut self) -> bool {
-        self.ex.next_callback();
-        self.part.on_done(&mut self.ex);
+        let mut s = self.state();
+        s.ex.next_callback();
+        let AloneState { ex, part } = &mut *s;
+        part.on_done(ex);
         true
     }
 }
 
-impl<S: Part> HttpContext for AloneStream<S> {
+impl<S: Part + 'static> HttpContext for AloneStream<S> {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        action(self.part.on_request_headers(&mut self.ex))
+        let flow = {
+            let mut s = self.state();
+            let AloneState { ex, part } = &mut *s;
+            part.on_request_headers(ex)
+        };
+        if flow == Flow::Paused {
+            let id = self.state().ex.context_id;
+            let weak: PausedStream = Rc::downgrade(&self.0) as PausedStream;
+            register_paused(id, weak);
+        }
+        action(flow)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        self.part.on_request_body(body_size);
+        self.state().part.on_request_body(body_size);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.ex.next_callback();
-        self.part.on_response_headers(&mut self.ex);
+        let mut s = self.state();
+        s.ex.next_callback();
+        let AloneState { ex, part } = &mut *s;
+        part.on_response_headers(ex);
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        self.part.on_response_body(body_size);
+        self.state().part.on_response_body(body_size);
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.ex.next_callback();
-        self.part.on_log(&mut self.ex);
+        let mut s = self.state();
+        s.ex.next_callback();
+        let AloneState { ex, part } = &mut *s;
+        part.on_log(ex);
     }
 }
