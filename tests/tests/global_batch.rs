@@ -255,7 +255,9 @@ fn failure_burst(w: &World, case: &str) -> Duration {
     }
     let slowest = allow.iter().chain(&deny).map(|a| a.took).max().unwrap();
     eprintln!(
-        "{case}: slowest answer {slowest:?}; calls of rule closed by outcome {:?}",
+        "{case}: slowest answer {slowest:?}; {} expired while waiting; calls of rule closed by outcome {:?}",
+        e.metric("mesh_ratelimit_global_expired_total", &[("rule", "closed")])
+            .unwrap_or(0.0),
         CALL_OUTCOMES
             .iter()
             .map(|o| (*o, calls(e, "closed", o)))
