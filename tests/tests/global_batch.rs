@@ -325,9 +325,88 @@ fn active_requests(envoy: &Envoy) -> f64 {
     )
 }
 
+/// Connections closed by their client while a request was active.
+fn gone_while_active(envoy: &Envoy) -> f64 {
+    envoy_stat(
+        envoy,
+        "envoy_http_downstream_cx_destroy_remote_active_rq",
+        &[("envoy_http_conn_manager_prefix", "ingress")],
+    )
+}
+
+/// Open connections of each of the Envoy's two workers.
+fn connections_per_worker(envoy: &Envoy) -> [f64; 2] {
+    let text = envoy.prometheus();
+    let open = |worker: &str| -> f64 {
+        let label = format!("envoy_worker_id=\"{worker}\"");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("envoy_listener_worker_downstream_cx_active{") && l.contains(&label)
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    [open("0"), open("1")]
+}
+
+/// Waits until `done` holds of the Envoy (10 s at most).
+fn wait_for(envoy: &Envoy, what: &str, done: impl Fn(&Envoy) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(envoy) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}; requests active: {}, connections per worker: {:?}",
+            active_requests(envoy),
+            connections_per_worker(envoy)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one request on a new connection (closed after the answer) and
+/// waits until Envoy holds it.
+fn held_request(envoy: &Envoy, user: &str) -> TcpStream {
+    let before = active_requests(envoy);
+    let mut s = TcpStream::connect(("127.0.0.1", envoy.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: x\r\nx-user: {user}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    wait_for(envoy, "a request held", |e| active_requests(e) > before);
+    s
+}
+
+/// With the service frozen, requests held until each worker has one: on
+/// each worker the first one's call is in flight, any later one waits.
+fn leaders(envoy: &Envoy, name: &str) -> Vec<TcpStream> {
+    wait_for(envoy, "no connection open", |e| {
+        connections_per_worker(e) == [0.0, 0.0]
+    });
+    let mut held = Vec::new();
+    while connections_per_worker(envoy).contains(&0.0) {
+        assert!(
+            held.len() < 32,
+            "the kernel gave one worker 32 connections in a row"
+        );
+        held.push(held_request(envoy, &format!("{name}-{}", held.len())));
+    }
+    held
+}
+
+/// Reads each answer; all must be 200 (from the service: `failure_mode` is deny).
+fn all_answered(clients: Vec<TcpStream>, case: &str) {
+    for mut s in clients {
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{case}: {answer}");
+    }
+}
+
 both_forms!(a_client_that_goes_away_while_waiting_in_a_batch_leaks_nothing);
 fn a_client_that_goes_away_while_waiting_in_a_batch_leaks_nothing(form: Form) {
-    const CLIENTS: usize = 24;
+    const FOLLOWERS: usize = 20;
     // failure_mode deny: a 200 is an answer from the service.
     let mut w = world(
         form,
@@ -336,90 +415,63 @@ fn a_client_that_goes_away_while_waiting_in_a_batch_leaks_nothing(form: Form) {
         1,
     );
     let e = &w.envoys[0];
-    assert_eq!(
-        http::get(e.port(), "/", &[("x-user", "warm")])
-            .unwrap()
-            .status,
-        200
-    );
-    let upstream_before = w.upstream.requests();
-    let dropped_before = envoy_stat(
-        e,
-        "envoy_http_downstream_cx_destroy_remote_active_rq",
-        &[("envoy_http_conn_manager_prefix", "ingress")],
-    );
+    let warm = http::get(e.port(), "/", &[("x-user", "warm")]).unwrap();
+    assert_eq!(warm.status, 200);
 
-    // The service holds its calls: on each worker the first request's call
-    // stays in flight and the others wait for the next one.
+    // 1. Waiting clients go away: they are not sent, the others are answered.
+    let (incrby, upstream, gone) = (
+        w.redis.calls("incrby"),
+        w.upstream.requests(),
+        gone_while_active(e),
+    );
     w.rls.pause();
-    let mut clients: Vec<TcpStream> = (0..CLIENTS)
-        .map(|i| {
-            let mut s = TcpStream::connect(("127.0.0.1", e.port())).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            write!(
-                s,
-                "GET / HTTP/1.1\r\nhost: x\r\nx-user: waiting-{i}\r\nconnection: close\r\n\r\n"
-            )
-            .unwrap();
-            s
-        })
+    let mut kept = leaders(e, "leader");
+    let followers: Vec<TcpStream> = (0..FOLLOWERS)
+        .map(|i| held_request(e, &format!("follower-{i}")))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while active_requests(e) < CLIENTS as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "{} requests held",
-            active_requests(e)
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for (i, s) in followers.into_iter().enumerate() {
+        if i % 2 == 0 {
+            kept.push(s);
+        }
     }
-    // Half of them go away before their answer.
-    let kept: Vec<TcpStream> = clients
-        .drain(..)
-        .enumerate()
-        .filter_map(|(i, s)| (i % 2 == 1).then_some(s))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while active_requests(e) > (CLIENTS / 2) as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "{} requests held",
-            active_requests(e)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let held = kept.len() as f64;
+    wait_for(e, "the clients that went away released", |e| {
+        active_requests(e) == held
+    });
     w.rls.resume();
+    let kept_count = kept.len() as u64;
+    all_answered(kept, "waiting clients gone");
+    wait_for(e, "no request active", |e| active_requests(e) == 0.0);
+    let counted = w.redis.calls("incrby") - incrby;
+    eprintln!(
+        "{kept_count} clients kept, {} gone while waiting: {counted} counted by the service",
+        FOLLOWERS / 2
+    );
+    assert_eq!(gone_while_active(e) - gone, (FOLLOWERS / 2) as f64);
+    assert_eq!(
+        counted, kept_count,
+        "only the requests whose clients stayed were sent"
+    );
+    assert_eq!(w.upstream.requests() - upstream, kept_count);
 
-    // The others of their batches are all answered by the service.
-    for mut s in kept {
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-    }
-    let e = &w.envoys[0];
-    assert_eq!(
-        envoy_stat(
-            e,
-            "envoy_http_downstream_cx_destroy_remote_active_rq",
-            &[("envoy_http_conn_manager_prefix", "ingress")],
-        ) - dropped_before,
-        (CLIENTS / 2) as f64,
-        "the clients went away while their requests were active"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while active_requests(e) != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} requests stuck",
-            active_requests(e)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        w.upstream.requests() - upstream_before,
-        (CLIENTS / 2) as u64,
-        "only the requests whose clients stayed went on"
-    );
+    // 2. Clients whose own call is in flight go away: the waiting ones
+    // still go out, and are answered.
+    let (upstream, gone) = (w.upstream.requests(), gone_while_active(e));
+    w.rls.pause();
+    let gone_leaders = leaders(e, "gone-leader");
+    let dropped = gone_leaders.len();
+    let waiting: Vec<TcpStream> = (0..FOLLOWERS / 2)
+        .map(|i| held_request(e, &format!("waiting-{i}")))
+        .collect();
+    drop(gone_leaders);
+    wait_for(e, "the leaders released", |e| {
+        active_requests(e) == (FOLLOWERS / 2) as f64
+    });
+    w.rls.resume();
+    all_answered(waiting, "clients with a call in flight gone");
+    wait_for(e, "no request active", |e| active_requests(e) == 0.0);
+    assert_eq!(gone_while_active(e) - gone, dropped as f64);
+    assert_eq!(w.upstream.requests() - upstream, (FOLLOWERS / 2) as u64);
 
     // Later requests, batched too, are still answered by the service.
     let answers = requests_at_once(e.port(), "/", 16, 64, |i| format!("later-{i}"));
