@@ -3,7 +3,8 @@
 //! envoyproxy/ratelimit on the same Redis with the same descriptor
 //! (BENCHMARKS.md, "Global rate limiting").
 //!
-//! The cases are `envoy/bench/global/mesh.yaml` and `native.yaml` (fixed
+//! The cases are `envoy/bench/global/mesh.yaml`, `mesh-batch.yaml` (the same
+//! with batched calls, `max_batch`) and `native.yaml` (fixed
 //! ports of their own, so this runs next to `cargo xtask bench`; the service
 //! on 127.0.0.1:18291), in front of an upstream answering 200 itself
 //! (`envoy/bench/global/upstream.yaml`), run with bench.rs's pieces. Two loads:
@@ -16,7 +17,8 @@
 //! For each: requests/s, p50/p99 latency and Envoy's CPU time per request
 //! under wrk (interleaved rounds, medians), calls to the service per request
 //! (the `rls` cluster's `upstream_rq_total`, and Redis' `INCRBY`s), and
-//! Envoy's instructions per request under callgrind, with the router alone
+//! Envoy's instructions per request under callgrind (the requests one after
+//! another, then over `--counted-connections` at once), with the router alone
 //! and the no-op Wasm filter in the same layout (`global/router.yaml`,
 //! `global/noop.yaml`) for the floor of any Wasm filter.
 
@@ -32,12 +34,13 @@ use crate::bench::cases::{Case, Running};
 use crate::bench::{self, wrk};
 
 const USAGE: &str = "usage: cargo xtask bench-global [--rounds N] [--seconds S] [--connections C] \
-                     [--counted-requests N] [--no-instructions] [--no-build] [--case mesh|native]... \
+                     [--counted-requests N] [--counted-connections C] [--no-instructions] [--no-build] \
+                     [--case mesh|mesh-batch|native]... \
                      [--no-floor] [--port-offset N]";
 
 /// The gRPC port the cases' `rls` cluster names.
 const RLS_PORT: u16 = 18291;
-const CASES: [&str; 2] = ["global/mesh", "global/native"];
+const CASES: [&str; 3] = ["global/mesh", "global/mesh-batch", "global/native"];
 /// The floor of a Wasm filter in the same layout: the router alone, the
 /// no-op module (filters/noop), and our filter doing no limiting work (its
 /// rule's key header is never sent).
@@ -71,6 +74,8 @@ struct Options {
     seconds: u32,
     connections: u32,
     counted_requests: u64,
+    /// The counted run's connections at once, besides one after another.
+    counted_connections: u32,
     instructions: bool,
     build: bool,
     /// The cases to run (default both), e.g. only `global/mesh` to profile it.
@@ -88,6 +93,7 @@ impl Options {
             seconds: 5,
             connections: 16,
             counted_requests: 1000,
+            counted_connections: 16,
             instructions: true,
             build: true,
             cases: Vec::new(),
@@ -106,6 +112,7 @@ impl Options {
                 "--seconds" => o.seconds = number()?.max(1) as u32,
                 "--connections" => o.connections = number()?.max(1) as u32,
                 "--counted-requests" => o.counted_requests = number()?.max(100),
+                "--counted-connections" => o.counted_connections = number()?.clamp(2, 64) as u32,
                 "--no-instructions" => o.instructions = false,
                 "--no-build" => o.build = false,
                 "--no-floor" => o.floor = false,
@@ -113,8 +120,10 @@ impl Options {
                     o.port_offset = u16::try_from(number()?).map_err(|_| USAGE.to_string())?
                 }
                 "--case" => match it.next().map(String::as_str) {
-                    Some(c @ ("mesh" | "native")) => o.cases.push(format!("global/{c}")),
-                    _ => return Err(format!("--case needs mesh or native; {USAGE}")),
+                    Some(c @ ("mesh" | "mesh-batch" | "native")) => {
+                        o.cases.push(format!("global/{c}"))
+                    }
+                    _ => return Err(format!("--case needs mesh, mesh-batch or native; {USAGE}")),
                 },
                 _ => return Err(USAGE.to_string()),
             }
@@ -166,11 +175,11 @@ fn get(client: &mut mesh_testkit::http::Client, k: u64) -> Result<u16, String> {
         .map_err(|e| format!("GET {PATH}: {e}"))
 }
 
-/// `n` GETs over one connection, keys cycling through `keys`; answers must
-/// be 200, or 429 when `rejects`.
-fn send(port: u16, n: u64, keys: u32, rejects: bool) -> Result<(), String> {
+/// `n` GETs over one connection, keys cycling through `keys` from `first`;
+/// answers must be 200, or 429 when `rejects`.
+fn send(port: u16, n: u64, keys: u32, rejects: bool, first: u64) -> Result<(), String> {
     let mut client = mesh_testkit::http::Client::new(port);
-    for i in 0..n {
+    for i in first..first + n {
         match get(&mut client, i % u64::from(keys) + 1)? {
             200 => {}
             429 if rejects => {}
@@ -178,6 +187,27 @@ fn send(port: u16, n: u64, keys: u32, rejects: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `n` GETs as [`send`], over `connections` connections at once (each its
+/// own run of keys), as wrk's connections keep requests in flight together.
+fn send_at_once(
+    port: u16,
+    n: u64,
+    keys: u32,
+    rejects: bool,
+    connections: u32,
+) -> Result<(), String> {
+    let per = n / u64::from(connections);
+    let threads: Vec<_> = (0..u64::from(connections))
+        .map(|c| std::thread::spawn(move || send(port, per, keys, rejects, c * per)))
+        .collect();
+    // Every thread is joined before an error is returned.
+    let results: Vec<Result<(), String>> = threads
+        .into_iter()
+        .map(|t| t.join().map_err(|_| "a sender panicked".to_string())?)
+        .collect();
+    results.into_iter().collect()
 }
 
 /// Answering at all (the filter's 429 counts: load (b) rejects at once).
@@ -343,7 +373,7 @@ fn instructions(
     root: &Path,
     cases: &[Case],
     opts: &Options,
-) -> Result<Vec<(String, String, f64, f64)>, String> {
+) -> Result<Vec<Count>, String> {
     let dir = root.join("target/bench/callgrind-global");
     let n = opts.counted_requests;
     let start_all = |cases: &[Case], base_id: u32| -> Result<Vec<Counted>, String> {
@@ -379,28 +409,41 @@ fn instructions(
         );
         Ok(counted)
     };
-    let count =
-        |counted: &mut Counted, case: &Case, load: Option<&Load>| -> Result<(f64, f64), String> {
-            let port = case.listener_port;
-            let (keys, rejects) = load.map_or((10_000, false), |l| (l.keys, l.keys == 1));
-            // After the service's restart the first call may find the old
-            // connection gone (a failure, answered 503): wait until it answers.
-            let settle = Instant::now();
-            while probe(port).is_err() && settle.elapsed() < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            send(port, n / 2, keys, rejects)?;
+    let count = |counted: &mut Counted,
+                 case: &Case,
+                 load: Option<&Load>|
+     -> Result<Count, String> {
+        let port = case.listener_port;
+        let (keys, rejects) = load.map_or((10_000, false), |l| (l.keys, l.keys == 1));
+        // After the service's restart the first call may find the old
+        // connection gone (a failure, answered 503): wait until it answers.
+        let settle = Instant::now();
+        while probe(port).is_err() && settle.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        send(port, n / 2, keys, rejects, 0)?;
+        let mut per_request = |at_once: u32| -> Result<(f64, f64), String> {
             let before = rls_requests(case.admin_port);
-            let total = counted.count(|| send(port, n, keys, rejects))?;
+            let total = counted.count(|| match at_once {
+                1 => send(port, n, keys, rejects, 0),
+                c => send_at_once(port, n, keys, rejects, c),
+            })?;
             let rpcs = rls_requests(case.admin_port).saturating_sub(before) as f64 / n as f64;
-            let per_request = total as f64 / n as f64;
+            let instr = total as f64 / n as f64;
             println!(
-                "    {:<8} {:<14} {per_request:>9.0} instructions/request, {rpcs:.3} RPC/request",
+                "    {:<8} {:<18} {at_once:>2} connection(s) {instr:>9.0} instructions/request, {rpcs:.3} RPC/request",
                 load.map_or("-", |l| l.name),
                 case.name,
             );
-            Ok((per_request, rpcs))
+            Ok((instr, rpcs))
         };
+        Ok(Count {
+            load: load.map_or("-", |l| l.name).to_string(),
+            case: case.name.clone(),
+            serial: per_request(1)?,
+            at_once: per_request(opts.counted_connections)?,
+        })
+    };
     let mut out = Vec::new();
     let mut service_now = Some(service(root, &LOADS[0], opts.port_offset)?);
     let mut counted = start_all(cases, 70)?;
@@ -410,8 +453,7 @@ fn instructions(
             service_now = Some(service(root, load, opts.port_offset)?);
         }
         for (c, case) in counted.iter_mut().zip(cases) {
-            let (instr, rpcs) = count(c, case, Some(load))?;
-            out.push((load.name.to_string(), case.name.clone(), instr, rpcs));
+            out.push(count(c, case, Some(load))?);
         }
     }
     drop(counted);
@@ -425,43 +467,67 @@ fn instructions(
         .collect::<Result<_, _>>()?;
     let mut counted = start_all(&floors, 80)?;
     for (c, case) in counted.iter_mut().zip(&floors) {
-        let (instr, _) = count(c, case, None)?;
-        out.push(("-".to_string(), case.name.clone(), instr, 0.0));
+        out.push(count(c, case, None)?);
     }
     Ok(out)
 }
 
-/// Goal (a) judged: ours against the native filter plus a Wasm filter's
-/// floor (the no-op module over the router, and our filter idle over it).
-fn allowance(counted: &[(String, String, f64, f64)]) -> String {
-    let find = |load: &str, case: &str| {
-        counted
-            .iter()
-            .find(|(l, c, _, _)| l == load && c == case)
-            .map(|c| c.2)
-    };
-    let (Some(ours), Some(native), Some(router)) = (
-        find("under", "global/mesh"),
-        find("under", "global/native"),
-        find("-", "global/router"),
-    ) else {
-        return String::new();
-    };
-    let mut out = String::from("\nGoal (a), ours <= native + floor:\n");
-    for (floor_case, what) in [
-        ("global/noop", "the no-op module"),
-        ("global/idle", "our filter idle"),
+/// One case's instructions and RPCs per request under callgrind, the
+/// requests sent one after another (`serial`) and over several connections
+/// at once (`at_once`).
+struct Count {
+    /// The load's name, `-` for a floor case.
+    load: String,
+    case: String,
+    serial: (f64, f64),
+    at_once: (f64, f64),
+}
+
+/// Goal (a) judged: each of our cases against the native filter plus a Wasm
+/// filter's floor (the no-op module over the router, and our filter idle
+/// over it), with the requests one after another and several at once.
+fn allowance(counted: &[Count], connections: u32) -> String {
+    let find = |load: &str, case: &str| counted.iter().find(|c| c.load == load && c.case == case);
+    let mut out = String::from("\nGoal (a), ours <= native + floor (instructions per request):\n");
+    for (mode, pick) in [
+        (
+            "1 connection",
+            (|c: &Count| c.serial.0) as fn(&Count) -> f64,
+        ),
+        ("at once", |c: &Count| c.at_once.0),
     ] {
-        if let Some(floor) = find("-", floor_case) {
-            let allowed = native + floor - router;
-            let _ = writeln!(
-                out,
-                "- floor = {what} over the router, {:.0}: allowance {allowed:.0}, ours {ours:.0}, {} by {:.0} ({:+.1}%)",
-                floor - router,
-                if ours <= allowed { "met" } else { "missed" },
-                (ours - allowed).abs(),
-                (ours - allowed) / allowed * 100.0
-            );
+        let (Some(native), Some(router)) =
+            (find("under", "global/native"), find("-", "global/router"))
+        else {
+            return out;
+        };
+        let mode = if mode == "at once" {
+            format!("{connections} connections")
+        } else {
+            mode.to_string()
+        };
+        for ours in ["global/mesh", "global/mesh-batch"] {
+            let Some(ours_count) = find("under", ours) else {
+                continue;
+            };
+            for (floor_case, what) in [
+                ("global/noop", "the no-op module"),
+                ("global/idle", "our filter idle"),
+            ] {
+                let Some(floor) = find("-", floor_case) else {
+                    continue;
+                };
+                let allowed = pick(native) + pick(floor) - pick(router);
+                let o = pick(ours_count);
+                let _ = writeln!(
+                    out,
+                    "- {mode}, {ours}, floor = {what} over the router, {:.0}: allowance {allowed:.0}, ours {o:.0}, {} by {:.0} ({:+.1}%)",
+                    pick(floor) - pick(router),
+                    if o <= allowed { "met" } else { "missed" },
+                    (o - allowed).abs(),
+                    (o - allowed) / allowed * 100.0
+                );
+            }
         }
     }
     out
@@ -516,14 +582,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         bench::load_average(),
         started.elapsed()
     );
-    md.push_str("| load | case | req/s | p50 µs | p99 µs | Envoy CPU µs/req | RPCs/req (rls cluster) | Redis INCRBY/req | rejected | instructions/req (callgrind) | RPCs/req (callgrind run) |\n");
-    md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let _ = writeln!(
+        md,
+        "| load | case | req/s | p50 µs | p99 µs | Envoy CPU µs/req | RPCs/req (rls cluster) | Redis INCRBY/req | rejected | instructions/req (callgrind, 1 connection) | RPCs/req (idem) | instructions/req (callgrind, {c} connections) | RPCs/req (idem) |",
+        c = opts.counted_connections
+    );
+    md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (load, case, s) in &tput {
-        let c = counted.iter().find(|(l, n, _, _)| l == load && n == case);
+        let c = counted.iter().find(|c| &c.load == load && &c.case == case);
         let what = LOADS.iter().find(|l| l.name == load).map_or("", |l| l.what);
         let _ = writeln!(
             md,
-            "| {what} | {case} | {:.0} | {:.0} | {:.0} | {:.1} | {:.4} | {:.4} | {} of {} | {} | {} |",
+            "| {what} | {case} | {:.0} | {:.0} | {:.0} | {:.1} | {:.4} | {:.4} | {} of {} | {} | {} | {} | {} |",
             s.rps,
             s.p50_us,
             s.p99_us,
@@ -532,14 +602,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
             s.incrby_per_request,
             s.rejected,
             s.requests,
-            c.map_or("-".into(), |c| format!("{:.0}", c.2)),
-            c.map_or("-".into(), |c| format!("{:.4}", c.3)),
+            c.map_or("-".into(), |c| format!("{:.0}", c.serial.0)),
+            c.map_or("-".into(), |c| format!("{:.4}", c.serial.1)),
+            c.map_or("-".into(), |c| format!("{:.0}", c.at_once.0)),
+            c.map_or("-".into(), |c| format!("{:.4}", c.at_once.1)),
         );
     }
-    for (_, case, instr, _) in counted.iter().filter(|c| c.0 == "-") {
-        let _ = writeln!(md, "| - | {case} (floor) | | | | | | | | {instr:.0} | |");
+    for c in counted.iter().filter(|c| c.load == "-") {
+        let _ = writeln!(
+            md,
+            "| - | {} (floor) | | | | | | | | {:.0} | | {:.0} | |",
+            c.case, c.serial.0, c.at_once.0
+        );
     }
-    md.push_str(&allowance(&counted));
+    md.push_str(&allowance(&counted, opts.counted_connections));
     let out = root.join("target/bench/global.md");
     let _ = fs::create_dir_all(root.join("target/bench"));
     fs::write(&out, &md).map_err(|e| format!("{}: {e}", out.display()))?;

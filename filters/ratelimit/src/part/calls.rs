@@ -194,7 +194,12 @@ impl Ratelimit {
                     continue;
                 }
             };
-            let descriptors = waiters.iter().map(|w| w.call.descriptor.clone()).collect();
+            let (mut waiters, budget) = (waiters, budget);
+            // The waiters keep what deciding needs (rule, key); the descriptors go.
+            let descriptors = waiters
+                .iter_mut()
+                .map(|w| std::mem::take(&mut w.call.descriptor))
+                .collect();
             let request = request_bytes(&global.domain, descriptors);
             // Whole milliseconds, rounded up: the waiters' timeout ends in this one.
             let timeout = Duration::from_millis(
