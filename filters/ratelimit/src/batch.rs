@@ -77,9 +77,11 @@ impl Batcher {
         }
     }
 
-    /// A request of the rule needs a call.
+    /// A request of the rule needs a call. With none in flight it calls at
+    /// once, even while others wait for the root's turn: so a call is in
+    /// flight whenever requests wait, and they go when it ends at the latest.
     pub fn admit(&mut self, stream: u32, call: GlobalCall, now: u64) -> Admission {
-        if self.in_flight == 0 && self.waiting.is_empty() {
+        if self.in_flight == 0 {
             self.in_flight += 1;
             return Admission::CallNow(call);
         }
@@ -178,6 +180,10 @@ mod tests {
         b.ended();
         b.ended();
         assert!(b.stranded());
+        // Before the root's turn, the next request calls at once (so a call
+        // is in flight again, whatever happens to the root's turn).
+        assert_eq!(b.admit(8, call(8), 7 * MS), Admission::CallNow(call(8)));
+        assert!(!b.stranded());
     }
 
     #[test]

@@ -394,6 +394,7 @@ impl Part for RatelimitStream {
                 global,
                 status: status_code,
                 elapsed: now.saturating_sub(pending.started),
+                timeout: global.timeout,
             };
             let answer = body.as_ref().map(|bytes| [read_answer(bytes)]);
             g.record_call(&ended, answer.as_ref().map(|a| a.as_slice()));

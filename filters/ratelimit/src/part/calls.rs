@@ -94,7 +94,7 @@ impl GlobalStats {
         // Envoy ends a call past its timeout with UNAVAILABLE (its 504
         // mapped to gRPC), so the time taken tells a timeout apart.
         // Envoy's timers may fire a little before the clock we read says.
-        let timeout = u64::try_from(ended.global.timeout.as_nanos()).unwrap_or(u64::MAX);
+        let timeout = u64::try_from(ended.timeout.as_nanos()).unwrap_or(u64::MAX);
         let timed_out = ended.elapsed.saturating_add((timeout / 20).max(1_000_000)) >= timeout;
         let (metric, why) = match (answers, ended.status) {
             (Some(answers), _) => {
@@ -158,6 +158,8 @@ pub(super) struct EndedCall<'a> {
     /// The gRPC status (0: OK).
     pub(super) status: u32,
     pub(super) elapsed: u64,
+    /// The call's own timeout (a batched call gets what its requests have left).
+    pub(super) timeout: Duration,
 }
 
 impl Ratelimit {
@@ -221,6 +223,7 @@ impl Ratelimit {
                         rule,
                         waiters,
                         started: now,
+                        timeout,
                     });
                 }
                 Err(status) => {
@@ -304,6 +307,7 @@ impl Ratelimit {
                 global,
                 status,
                 elapsed: now.saturating_sub(call.started),
+                timeout: call.timeout,
             };
             g.record_call(&ended, body.as_ref().map(|_| answers.as_slice()));
         }
@@ -337,6 +341,7 @@ pub(super) struct RootCall {
     pub(super) rule: usize,
     pub(super) waiters: Vec<Waiter>,
     pub(super) started: u64,
+    pub(super) timeout: Duration,
 }
 
 impl Batching {
@@ -390,8 +395,16 @@ impl Batching {
             }
             _ => false,
         };
-        if stranded && !self.signalled.replace(true) {
-            let _ = hostcalls::enqueue_shared_queue(self.queue, Some(b"1"));
+        if stranded && !self.signalled.get() {
+            match hostcalls::enqueue_shared_queue(self.queue, Some(b"1")) {
+                Ok(()) => self.signalled.set(true),
+                // Not seen: the queue is this worker's own. The waiting
+                // requests then go when the next call of the rule ends (the
+                // next request to come calls at once: batch.rs).
+                Err(status) => log::warn!(
+                    "{FILTER}: could not wake the root context ({status:?}): batched requests wait for the next call"
+                ),
+            }
         }
     }
 
