@@ -198,9 +198,14 @@ fn send_at_once(
     rejects: bool,
     connections: u32,
 ) -> Result<(), String> {
-    let per = n / u64::from(connections);
-    let threads: Vec<_> = (0..u64::from(connections))
-        .map(|c| std::thread::spawn(move || send(port, per, keys, rejects, c * per)))
+    let c = u64::from(connections);
+    // The first n % c connections send one more: n in all.
+    let share = move |i: u64| n / c + u64::from(i < n % c);
+    let threads: Vec<_> = (0..c)
+        .map(|i| {
+            let first: u64 = (0..i).map(share).sum();
+            std::thread::spawn(move || send(port, share(i), keys, rejects, first))
+        })
         .collect();
     // Every thread is joined before an error is returned.
     let results: Vec<Result<(), String>> = threads
