@@ -273,21 +273,16 @@ impl RatelimitStream {
         };
         let rule = call.rule;
         let batching = state.batching.as_ref().filter(|b| b.batches(rule));
-        let mut call = match batching {
-            Some(b) => {
-                let admission = match b.rules.borrow_mut().get_mut(rule) {
-                    Some(Some(batcher)) => batcher.admit(ex.context_id(), call, now),
-                    _ => Admission::CallNow(call),
-                };
-                match admission {
-                    Admission::CallNow(call) => call,
-                    Admission::Waits => {
-                        self.waiting = Some((rule, ex.context_id()));
-                        return Flow::Paused;
-                    }
-                }
+        let admission = match batching {
+            Some(b) => b.admit(rule, ex.context_id(), call, now),
+            None => Admission::CallNow(call),
+        };
+        let mut call = match admission {
+            Admission::CallNow(call) => call,
+            Admission::Waits => {
+                self.waiting = Some((rule, ex.context_id()));
+                return Flow::Paused;
             }
-            None => call,
         };
         // The call keeps what deciding needs (rule, key); the descriptor goes.
         let request = request_bytes(&global.domain, vec![std::mem::take(&mut call.descriptor)]);
@@ -330,8 +325,9 @@ impl RatelimitStream {
 }
 
 impl Drop for RatelimitStream {
-    /// A stream that goes away while it waits: its own call is cancelled by
-    /// Envoy (so it ended), a batched one no longer sends it.
+    /// A stream that goes away while it waits: its own call's answer can no
+    /// longer reach it (so, for the batch, that call ended); a batch not yet
+    /// sent no longer carries it.
     fn drop(&mut self) {
         let Some(batching) = &self.state.batching else {
             return;

@@ -12,9 +12,9 @@ use mesh_shared::store::{self, Step};
 use proxy_wasm::hostcalls;
 
 use super::{Ratelimit, FILTER};
-use crate::batch::{Batcher, Next, Waiter};
+use crate::batch::{Admission, Batcher, Next, Waiter};
 use crate::global::{read_answers, request_bytes, unavailable_reason, Answer};
-use crate::{rls, Config, Global};
+use crate::{rls, Config, Global, GlobalCall};
 
 /// Calls to the RLS service of a global rule, by outcome, and their latency.
 pub(super) struct GlobalStats {
@@ -175,7 +175,7 @@ impl Ratelimit {
                 _ => None,
             };
             let Some(next) = next else { return };
-            let (waiters, budget) = match next {
+            let (mut waiters, budget) = match next {
                 Next::Call(waiters, budget) => (waiters, budget),
                 Next::Expired(waiters) => {
                     if let Some(g) = self.global_stats(rule) {
@@ -187,16 +187,10 @@ impl Ratelimit {
                             "requests waited out their timeout for a batched call",
                         );
                     }
-                    self.answer_all(
-                        batching,
-                        &waiters,
-                        &vec![Answer::Invalid; waiters.len()],
-                        now,
-                    );
+                    self.fail_all(batching, &waiters, now);
                     continue;
                 }
             };
-            let (mut waiters, budget) = (waiters, budget);
             // The waiters keep what deciding needs (rule, key); the descriptors go.
             let descriptors = waiters
                 .iter_mut()
@@ -231,12 +225,7 @@ impl Ratelimit {
                         g.call_not_started(self.rule_name(rule), &global.service, status);
                     }
                     batching.ended(rule);
-                    self.answer_all(
-                        batching,
-                        &waiters,
-                        &vec![Answer::Invalid; waiters.len()],
-                        now,
-                    );
+                    self.fail_all(batching, &waiters, now);
                 }
             }
         }
@@ -261,6 +250,16 @@ impl Ratelimit {
             // A stream that went away is not counted: its client got no answer.
             deliver(waiter.stream, batching.root_id, &verdict);
         }
+    }
+
+    /// Decides each waiter as a failed call (the failure mode) and wakes it.
+    fn fail_all(&self, batching: &Batching, waiters: &[Waiter], now: u64) {
+        self.answer_all(
+            batching,
+            waiters,
+            &vec![Answer::Invalid; waiters.len()],
+            now,
+        );
     }
 
     /// The root's turn after a stream's signal: sends what waits.
@@ -312,6 +311,7 @@ impl Ratelimit {
             g.record_call(&ended, body.as_ref().map(|_| answers.as_slice()));
         }
         self.answer_all(batching, &call.waiters, &answers, now);
+        // No wake-up needed: what waits goes now.
         if let Some(Some(batcher)) = batching.rules.borrow_mut().get_mut(call.rule) {
             batcher.ended();
         }
@@ -323,10 +323,10 @@ impl Ratelimit {
 /// The worker's batched calls, for rules with `max_batch` > 1 (batch.rs).
 pub(super) struct Batching {
     pub(super) root_id: u32,
-    /// The worker's own shared queue. A stream cannot make a call that
-    /// outlives it (Envoy cancels a stream's calls when it goes away), so a
-    /// stream whose call ended while others wait puts a message here, and
-    /// the root context sends them on its next turn.
+    /// The worker's own shared queue. A stream cannot make a call for
+    /// others: the answer goes to the context that made the call, and would
+    /// be lost with the stream. So a stream whose call ended while others
+    /// wait puts a message here, and the root context sends them on its turn.
     pub(super) queue: u32,
     /// A message is in the queue and not yet taken.
     pub(super) signalled: Cell<bool>,
@@ -405,6 +405,14 @@ impl Batching {
                     "{FILTER}: could not wake the root context ({status:?}): batched requests wait for the next call"
                 ),
             }
+        }
+    }
+
+    /// A request of `rule` needs a call (batch.rs, `Batcher::admit`).
+    pub(super) fn admit(&self, rule: usize, stream: u32, call: GlobalCall, now: u64) -> Admission {
+        match self.rules.borrow_mut().get_mut(rule) {
+            Some(Some(batcher)) => batcher.admit(stream, call, now),
+            _ => Admission::CallNow(call),
         }
     }
 
