@@ -67,6 +67,8 @@ const MAX_SEEN: usize = 200_000;
 pub struct Upstream {
     port: u16,
     shared: Arc<Shared>,
+    /// The accept loop, which owns the listening socket.
+    accept: Option<thread::JoinHandle<()>>,
 }
 
 impl Upstream {
@@ -90,7 +92,7 @@ impl Upstream {
             stop: AtomicBool::new(false),
         });
         let accept_shared = Arc::clone(&shared);
-        thread::spawn(move || {
+        let accept = thread::spawn(move || {
             for conn in listener.incoming() {
                 if accept_shared.stop.load(Ordering::SeqCst) {
                     break;
@@ -100,7 +102,11 @@ impl Upstream {
                 thread::spawn(move || serve(conn, &s));
             }
         });
-        Ok(Upstream { port, shared })
+        Ok(Upstream {
+            port,
+            shared,
+            accept: Some(accept),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -142,8 +148,14 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        // Wake the accept loop so it sees the flag, and wait until it has
+        // closed the port: a test that binds the same fixed port next (the
+        // demo's) must not find it still in use.
+        if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if let Some(accept) = self.accept.take() {
+                let _ = accept.join();
+            }
+        }
     }
 }
 
