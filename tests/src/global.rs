@@ -111,8 +111,57 @@ pub const FAILURE_RULES: &str = r#"{"rules": [
 /// service is unusable: a generous bound for a loaded 2-core machine.
 pub const FAILURE_ANSWER_BOUND: Duration = Duration::from_millis(1500);
 
+/// An answer: status, body, how long it took.
+pub type TimedAnswer = (u16, String, Duration);
+
+/// [`FAILURE_RULES`]' failure decisions so far: rule `open`'s
+/// `failed_open`, rule `closed`'s `failure_denied`.
+pub fn failure_decisions(envoy: &Envoy) -> (f64, f64) {
+    (
+        decision(envoy, "open", "failed_open"),
+        decision(envoy, "closed", "failure_denied"),
+    )
+}
+
+/// Checks what [`FAILURE_RULES`] answered while the service was unusable:
+/// every `/allow` 200 (failure_mode allow), every `/deny` the failure
+/// response, each within [`FAILURE_ANSWER_BOUND`] and each counted once
+/// since `before` ([`failure_decisions`]). Returns the slowest answer.
+pub fn check_failure_answers(
+    envoy: &Envoy,
+    case: &str,
+    before: (f64, f64),
+    allow: &[TimedAnswer],
+    deny: &[TimedAnswer],
+) -> Duration {
+    for (status, _, _) in allow {
+        assert_eq!(*status, 200, "{case}: failure_mode allow");
+    }
+    for (status, body, _) in deny {
+        assert_eq!(
+            (*status, body.as_str()),
+            (503, "rate limit service unavailable\n"),
+            "{case}: failure_mode deny"
+        );
+    }
+    let slowest = allow
+        .iter()
+        .chain(deny)
+        .map(|a| a.2)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        slowest < FAILURE_ANSWER_BOUND,
+        "{case}: slowest answer {slowest:?}"
+    );
+    let (open, denied) = failure_decisions(envoy);
+    assert_eq!(open - before.0, allow.len() as f64, "{case}");
+    assert_eq!(denied - before.1, deny.len() as f64, "{case}");
+    slowest
+}
+
 /// Sends one request on a fresh connection; its status, body and duration.
-pub fn timed(port: u16, path: &str) -> (u16, String, Duration) {
+pub fn timed(port: u16, path: &str) -> TimedAnswer {
     let started = Instant::now();
     let r = http::get(port, path, &[("x-user", "erin")]).unwrap();
     (r.status, r.body_text(), started.elapsed())

@@ -92,24 +92,41 @@ pub fn concurrent_gets(
     connections: usize,
     total: usize,
 ) -> Vec<std::io::Result<http::Response>> {
+    let path = path.to_string();
     let headers: Vec<(String, String)> = headers
         .iter()
         .map(|(n, v)| (n.to_string(), v.to_string()))
         .collect();
+    at_once(port, connections, total, move |client, _| {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        client.get(&path, &h)
+    })
+}
+
+/// Makes requests `0..total` from `connections` threads that start together,
+/// each on its own keep-alive connection (request `i` on connection
+/// `i % connections`); returns what `send` returned for each, in no
+/// particular order.
+pub fn at_once<T: Send + 'static>(
+    port: u16,
+    connections: usize,
+    total: usize,
+    send: impl Fn(&mut http::Client, usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let send = std::sync::Arc::new(send);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(connections));
     let handles: Vec<_> = (0..connections)
-        .map(|i| {
-            let share = total / connections + usize::from(i < total % connections);
-            let (path, headers, barrier) = (path.to_string(), headers.clone(), barrier.clone());
+        .map(|c| {
+            let (send, barrier) = (send.clone(), barrier.clone());
             std::thread::spawn(move || {
-                let h: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
                 let mut client = http::Client::new(port);
                 barrier.wait();
-                (0..share)
-                    .map(|_| client.get(&path, &h))
+                (c..total)
+                    .step_by(connections)
+                    .map(|i| send(&mut client, i))
                     .collect::<Vec<_>>()
             })
         })

@@ -36,6 +36,14 @@ struct RuleStats {
     global: Option<GlobalStats>,
 }
 
+/// `mesh_ratelimit_requests_total{rule, decision}`.
+fn requests_counter(rule: &str, decision: &str) -> Metric {
+    Metric::counter(&stat_name(
+        "mesh_ratelimit_requests_total",
+        &[("rule", rule), ("decision", decision)],
+    ))
+}
+
 impl RuleStats {
     fn define(rule: &crate::Rule) -> RuleStats {
         let global = rule
@@ -43,12 +51,7 @@ impl RuleStats {
             .as_ref()
             .map(|g| GlobalStats::define(&rule.name, g.max_batch > 1));
         let rule = rule.name.as_str();
-        let requests = |decision: &str| {
-            Metric::counter(&stat_name(
-                "mesh_ratelimit_requests_total",
-                &[("rule", rule), ("decision", decision)],
-            ))
-        };
+        let requests = |decision: &str| requests_counter(rule, decision);
         RuleStats {
             allowed: requests("allowed"),
             limited: requests("limited"),
@@ -272,7 +275,7 @@ impl RatelimitStream {
             return Flow::Continue;
         };
         let rule = call.rule;
-        let batching = state.batching.as_ref().filter(|b| b.batches(rule));
+        let batching = state.batching.as_ref();
         let admission = match batching {
             Some(b) => b.admit(rule, ex.context_id(), call, now),
             None => Admission::CallNow(call),
@@ -333,9 +336,7 @@ impl Drop for RatelimitStream {
             return;
         };
         if let Some(pending) = self.pending.take() {
-            if batching.batches(pending.call.rule) {
-                batching.ended(pending.call.rule);
-            }
+            batching.ended(pending.call.rule);
         }
         if let Some((rule, stream)) = self.waiting.take() {
             batching.leave(rule, stream);
@@ -395,7 +396,7 @@ impl Part for RatelimitStream {
             let answer = body.as_ref().map(|bytes| [read_answer(bytes)]);
             g.record_call(&ended, answer.as_ref().map(|a| a.as_slice()));
         }
-        if let Some(b) = state.batching.as_ref().filter(|b| b.batches(rule)) {
+        if let Some(b) = &state.batching {
             b.ended(rule);
         }
         let verdict = state.limiter.conclude_with(

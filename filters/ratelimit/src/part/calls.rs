@@ -11,7 +11,7 @@ use mesh_shared::stats::stat_name;
 use mesh_shared::store::{self, Step};
 use proxy_wasm::hostcalls;
 
-use super::{Ratelimit, FILTER};
+use super::{requests_counter, Ratelimit, FILTER};
 use crate::batch::{Admission, Batcher, Next, Waiter};
 use crate::global::{read_answers, request_bytes, unavailable_reason, Answer};
 use crate::{rls, Config, Global, GlobalCall};
@@ -38,12 +38,6 @@ pub(super) struct GlobalStats {
 
 impl GlobalStats {
     pub(super) fn define(rule: &str, batches: bool) -> GlobalStats {
-        let decision = |d: &str| {
-            Metric::counter(&stat_name(
-                "mesh_ratelimit_requests_total",
-                &[("rule", rule), ("decision", d)],
-            ))
-        };
         let calls = |outcome: &str| {
             Metric::counter(&stat_name(
                 "mesh_ratelimit_global_calls_total",
@@ -51,8 +45,8 @@ impl GlobalStats {
             ))
         };
         GlobalStats {
-            limited: decision("global_limited"),
-            failure_denied: decision("failure_denied"),
+            limited: requests_counter(rule, "global_limited"),
+            failure_denied: requests_counter(rule, "failure_denied"),
             ok: calls("ok"),
             over_limit: calls("over_limit"),
             timeout: calls("timeout"),
@@ -381,12 +375,9 @@ impl Batching {
         })
     }
 
-    pub(super) fn batches(&self, rule: usize) -> bool {
-        matches!(self.rules.borrow().get(rule), Some(Some(_)))
-    }
-
     /// A call of `rule` ended: if requests wait and no call will take them
-    /// along, the root context must send them.
+    /// along, the root context must send them. (Here and below: nothing for
+    /// a rule that does not batch.)
     pub(super) fn ended(&self, rule: usize) {
         let stranded = match self.rules.borrow_mut().get_mut(rule) {
             Some(Some(batcher)) => {
